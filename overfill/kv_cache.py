@@ -1,0 +1,64 @@
+"""The static KV cache that the full model fills and the decoder extends."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    """Per-layer key/value buffers `[B, H_kv, S_max, D]` plus a slot-validity mask.
+
+    Slots are columns of the left-padded batch: prompt token j of every row sits in
+    slot j, and decode step i writes slot `prompt_len + i` for every row at once.
+    `valid[b, s]` says whether slot s of row b holds a real token (padding does not).
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # [B, S_max]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.k[0].shape)
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def update(self, layer: int, slots: Tensor, k: Tensor, v: Tensor, kv_len: int | None = None) -> tuple[Tensor, Tensor]:
+        """Write k, v `[B, H_kv, T, D]` at `slots` `[T]`; return the layer's first `kv_len` slots."""
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        if kv_len is None:
+            return self.k[layer], self.v[layer]
+        return self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
+
+    def select_layers(self, layer_map: list[int] | None) -> "KVCache":
+        """The hand-off: a view whose layer i is this cache's layer `layer_map[i]`.
+
+        No copy: the decoder writes into the very buffers the full model filled, so a
+        later refresh by the full model is seen by the decoder too.
+        """
+        if layer_map is None:
+            return self
+        view = KVCache.__new__(KVCache)
+        view.k = [self.k[j] for j in layer_map]
+        view.v = [self.v[j] for j in layer_map]
+        view.valid = self.valid
+        return view
+
+    def copy_from(self, other: "KVCache") -> None:
+        """Copy another cache of the same shape into this one (asserting the shapes match)."""
+        assert len(other.k) == len(self.k), f"layers: {len(other.k)} != {len(self.k)}"
+        assert other.shape == self.shape, f"shape: {other.shape} != {self.shape}"
+        for dst, src in zip(self.k + self.v, other.k + other.v):
+            dst.copy_(src)
+        self.valid.copy_(other.valid)
+
+    def bytes_per_token(self) -> int:
+        """Bytes of K and V stored per token, over all layers (per batch row)."""
+        _, h, _, d = self.shape
+        return 2 * len(self.k) * h * d * self.k[0].element_size()

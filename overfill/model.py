@@ -1,0 +1,356 @@
+"""A compact Llama / Mistral / Qwen2 / Qwen3 decoder-only transformer.
+
+Parameter names are those of the Hugging Face checkpoints, so a HF state dict loads
+as-is and `transformers` stays the numerical reference in the tests. Unlike the HF
+classes, the forward pass takes explicit rotary positions, an explicit attention
+mask and an explicit `KVCache`, which is what prefill / hand-off / decode need.
+`head_dim` is read from the config, never derived from the width: a pruned decoder
+keeps the full model's head size with fewer channels.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import OverfillError
+from .kv_cache import KVCache
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    max_position_embeddings: int = 4096
+
+    @classmethod
+    def from_hf(cls, config) -> "ModelArgs":
+        """From a transformers config object or its `config.json` dict."""
+        c = config if isinstance(config, dict) else config.to_dict()
+        model_type = c.get("model_type")
+        if model_type not in SUPPORTED_TYPES:
+            raise OverfillError(f"unsupported architecture '{model_type}': supported are {', '.join(SUPPORTED_TYPES)}")
+        if c.get("mlp_bias"):
+            raise OverfillError("unsupported config: mlp_bias=true")
+        if model_type in ("qwen2", "qwen3") and c.get("use_sliding_window"):
+            raise OverfillError("unsupported config: use_sliding_window=true")
+        heads = c["num_attention_heads"]
+        attention_bias = bool(c.get("attention_bias", False))
+        return cls(
+            model_type=model_type,
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_hidden_layers=c["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_parameters=_rope_parameters(c),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type in ("llama", "mistral") and attention_bias,
+            qk_norm=model_type == "qwen3",
+            max_position_embeddings=c.get("max_position_embeddings", 4096),
+        )
+
+    def num_params(self) -> int:
+        d, h, kv, hd, f = (self.hidden_size, self.num_attention_heads, self.num_key_value_heads,
+                           self.head_dim, self.intermediate_size)
+        attn = d * hd * (2 * h + 2 * kv) + self.qkv_bias * hd * (h + 2 * kv) + self.o_bias * d
+        attn += 2 * hd * self.qk_norm
+        block = attn + 3 * d * f + 2 * d
+        embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * block + embed + d
+
+
+def _rope_parameters(c: dict) -> dict:
+    params = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    params.setdefault("rope_theta", c.get("rope_theta", 10000.0))
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    return params
+
+
+def rope_inv_freq(args: ModelArgs) -> Tensor:
+    """Rotary inverse frequencies `[D/2]` for the rope types of the supported models."""
+    p, d = args.rope_parameters, args.head_dim
+    inv_freq = 1.0 / (p["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    kind = p["rope_type"]
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / p["factor"]
+    if kind == "llama3":
+        factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+        old_len = p["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise OverfillError(f"unsupported rope_type '{kind}' (supported: default, linear, llama3)")
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x [B, T, H, D]; cos, sin [B, T, D]
+    return x * cos[:, :, None] + rotate_half(x) * sin[:, :, None]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        d, hd = args.hidden_size, args.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, hd
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=args.o_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(hd, args.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, args.rms_norm_eps)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, kv_cache: KVCache | None,
+                layer: int, slots: Tensor | None, kv_len: int | None, shared_kv: tuple | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        if shared_kv is not None:
+            # Training: at prompt positions, attend to the full model's keys and values.
+            source, use_source = shared_kv  # KVCache with S == T; [B, 1, T, 1] bool
+            k = torch.where(use_source, source.k[layer], k)
+            v = torch.where(use_source, source.v[layer], v)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, slots, k, v, kv_len)  # [B, H_kv, S, D]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x: Tensor, rope, mask, kv_cache, layer, slots, kv_len, shared_kv) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv_cache, layer, slots, kv_len, shared_kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.gradient_checkpointing = False
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
+        dtype = self.model.embed_tokens.weight.dtype
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, tokens: Tensor, positions: Tensor, mask: Tensor, kv_cache: KVCache | None = None,
+                slots: Tensor | None = None, kv_len: int | None = None, shared_kv: tuple | None = None,
+                last_only: bool = False) -> Tensor:
+        """Logits `[B, T, V]` (`[B, 1, V]` with last_only) for tokens `[B, T]`; see `hidden`."""
+        return self.lm_head(self.hidden(tokens, positions, mask, kv_cache, slots, kv_len, shared_kv, last_only))
+
+    def hidden(self, tokens: Tensor, positions: Tensor, mask: Tensor, kv_cache: KVCache | None = None,
+               slots: Tensor | None = None, kv_len: int | None = None, shared_kv: tuple | None = None,
+               last_only: bool = False) -> Tensor:
+        """Final-norm hidden states `[B, T, D]` for tokens `[B, T]`.
+
+        positions `[B, T]`: rotary positions. mask `[B, 1, T, S]` bool: which keys each query
+        sees (S = T without a cache, else the cache slots `[:kv_len]`). kv_cache/slots: write
+        this step's K/V into those slots `[T]` and attend over the cache. shared_kv: see Attention.
+        """
+        x = self.model.embed_tokens(tokens)  # [B, T, D]
+        rope = self.rope(positions)
+        for i, layer in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(
+                    layer, x, rope, mask, kv_cache, i, slots, kv_len, shared_kv, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, kv_cache, i, slots, kv_len, shared_kv)
+        if last_only:
+            x = x[:, -1:]
+        return self.model.norm(x)
+
+    def num_bytes(self) -> int:
+        """Bytes of the distinct weights (tied embeddings counted once)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        w = self.model.embed_tokens.weight
+        a = self.args
+        return KVCache(a.num_hidden_layers, batch, a.num_key_value_heads, max_len, a.head_dim, w.dtype, w.device)
+
+
+def positions_from_padding(attention_mask: Tensor) -> Tensor:
+    """Rotary positions `[B, T]` from a padding mask `[B, T]`: the count of real tokens before.
+
+    Taken from the mask, never from the cache length, so left-padded rows get the same
+    positions as when they run alone.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def causal_mask(key_valid: Tensor, query_slots: Tensor) -> Tensor:
+    """Attention mask `[B, 1, T, S]` for queries in `query_slots` `[T]` over keys `[B, S]`.
+
+    A query sees valid keys at or before its own slot. It always sees itself, so a
+    padding query never has an empty row (which would give NaN).
+    """
+    key_slots = torch.arange(key_valid.shape[1], device=key_valid.device)
+    causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
+    own = key_slots[None, :] == query_slots[:, None]  # [T, S]
+    return ((causal[None] & key_valid[:, None, :]) | own[None])[:, None]
+
+
+# ---------------------------------------------------------------------------- loading / saving
+
+def read_config(path: str | os.PathLike) -> dict:
+    config = Path(path) / "config.json"
+    try:
+        return json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise OverfillError(f"cannot read {config}: {e}") from None
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise OverfillError(f"no safetensors weights in '{path}' (expected model.safetensors)")
+    state: dict[str, Tensor] = {}
+    for name in files:
+        state.update(load_file(str(path / name)))
+    return state
+
+
+def load_model(ref: str | os.PathLike, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> Transformer:
+    """Our Transformer from a model reference (built-in name, HF dir or hub id)."""
+    from .hub import resolve
+
+    path = resolve(ref)
+    args = ModelArgs.from_hf(read_config(path))
+    state = load_state_dict(path)
+    return from_state_dict(args, state, dtype=dtype, device=device, source=str(path))
+
+
+def from_state_dict(args: ModelArgs, state: dict[str, Tensor], dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None, source: str = "state dict") -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(args)
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    if args.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise OverfillError(f"weights in {source} do not match its config: {str(e).splitlines()[0]}") from None
+    model.tie_weights()  # assign=True replaced the embedding Parameter
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise OverfillError(f"weights in {source} lack {len(missing)} tensors, e.g. {missing[0]}")
+    model.inv_freq = rope_inv_freq(args)
+    return model.to(device=device, dtype=dtype or next(iter(state.values())).dtype).eval()
+
+
+def save_model(model: Transformer, out: str | os.PathLike, config_from: str | os.PathLike) -> None:
+    """Write a HF-loadable directory: weights from `model`, config (and tokenizer) from `config_from`."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out, src = Path(out), Path(config_from)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.args.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    tmp = out / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")
+    if src.resolve() != out.resolve():
+        for name in os.listdir(src):
+            if name.endswith((".json", ".jinja", ".model", ".txt")) and not name.startswith("model.safetensors"):
+                shutil.copy2(src / name, out / name)

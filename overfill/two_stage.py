@@ -1,0 +1,218 @@
+"""The two-stage model: a FULL model that prefills and a DECODER that reads its KV cache."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .errors import OverfillError
+from .model import ModelArgs, Transformer, causal_mask, load_model, positions_from_padding, save_model
+
+CONFIG_NAME = "overfill.json"
+
+
+@dataclass
+class TwoStageConfig:
+    """What an OverFill directory records beside its decoder weights."""
+
+    full: str
+    """Reference of the full model (built-in name, directory or hub id)."""
+    layer_map: list[int] | None = None
+    """Full-model layer whose KV each decoder layer reads; None means layer i reads layer i."""
+    refresh_every: int = 0
+    """Default refresh interval for generation (0: never)."""
+    extra: dict = field(default_factory=dict)
+    """Provenance: how the decoder was made (pruning, training settings)."""
+
+
+def check_compatible(full: ModelArgs, decoder: ModelArgs, layer_map: list[int] | None = None) -> list[str]:
+    """Every reason why `decoder` cannot read `full`'s KV cache (empty when it can)."""
+    problems = []
+    for name in ("num_key_value_heads", "head_dim", "vocab_size", "rope_parameters"):
+        a, b = getattr(full, name), getattr(decoder, name)
+        if a != b:
+            problems.append(f"{name}: full {a} vs decoder {b}")
+    if layer_map is None:
+        if full.num_hidden_layers != decoder.num_hidden_layers:
+            problems.append(f"num_hidden_layers: full {full.num_hidden_layers} vs decoder "
+                            f"{decoder.num_hidden_layers} (give a layer_map for a depth-pruned decoder)")
+    else:
+        if len(layer_map) != decoder.num_hidden_layers:
+            problems.append(f"layer_map has {len(layer_map)} entries for {decoder.num_hidden_layers} decoder layers")
+        bad = [j for j in layer_map if not 0 <= j < full.num_hidden_layers]
+        if bad:
+            problems.append(f"layer_map names layers {bad} outside the full model's 0..{full.num_hidden_layers - 1}")
+    if decoder.num_attention_heads % decoder.num_key_value_heads:
+        problems.append(f"decoder has {decoder.num_attention_heads} query heads, not a multiple of "
+                        f"{decoder.num_key_value_heads} KV heads")
+    return problems
+
+
+def _tokenizer_fingerprint(path: Path) -> str | None:
+    file = path / "tokenizer.json"
+    return hashlib.sha1(file.read_bytes()).hexdigest() if file.is_file() else None
+
+
+def _layer_map_of(decoder_dir: Path) -> list[int] | None:
+    for name, key in ((CONFIG_NAME, "layer_map"), ("prune_record.json", "layer_map")):
+        file = decoder_dir / name
+        if file.is_file():
+            value = json.loads(file.read_text()).get(key)
+            if value is not None:
+                return list(value)
+    return None
+
+
+def _generation_eos_ids(model_dir: Path) -> set[int]:
+    """End-of-sequence ids from generation_config.json (Llama 3 instruct has several)."""
+    file = model_dir / "generation_config.json"
+    if not file.is_file():
+        return set()
+    eos = json.loads(file.read_text()).get("eos_token_id")
+    return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+
+
+class TwoStageModel:
+    """`full` prefills the prompt and yields the first token; `decoder` generates the rest.
+
+    With no decoder the full model decodes alone (the same object plays both parts).
+    """
+
+    def __init__(self, full: Transformer, decoder: Transformer | None, tokenizer,
+                 config: TwoStageConfig | None = None, eos_token_ids: set[int] | None = None):
+        self.full = full
+        self.decoder = decoder if decoder is not None else full
+        self.config = config or TwoStageConfig(full="<in memory>")
+        problems = check_compatible(full.args, self.decoder.args, self.config.layer_map)
+        if problems:
+            raise OverfillError("the decoder cannot read the full model's KV cache: " + "; ".join(problems))
+        self.tokenizer = tokenizer
+        self.eos_token_ids = {i for i in (eos_token_ids or set()) | {tokenizer.eos_token_id} if i is not None}
+
+    @property
+    def layer_map(self) -> list[int] | None:
+        return self.config.layer_map
+
+    @property
+    def is_two_stage(self) -> bool:
+        return self.decoder is not self.full
+
+    @property
+    def device(self) -> torch.device:
+        return self.full.model.embed_tokens.weight.device
+
+    @property
+    def context_window(self) -> int:
+        return min(self.full.args.max_position_embeddings, self.decoder.args.max_position_embeddings)
+
+    @classmethod
+    def from_refs(cls, full: str, decoder: str | None = None, dtype: torch.dtype | None = None,
+                  device: str | torch.device | None = None, layer_map: list[int] | None = None) -> "TwoStageModel":
+        """Load a pair from model references; `decoder` may be a plain HF dir or an OverFill dir."""
+        from .hub import load_tokenizer, resolve
+
+        full_dir = resolve(full)
+        full_model = load_model(full_dir, dtype=dtype, device=device)
+        decoder_model, config = None, TwoStageConfig(full=str(full), layer_map=layer_map)
+        if decoder is not None:
+            decoder_dir = resolve(decoder)
+            decoder_model = load_model(decoder_dir, dtype=dtype, device=device)
+            config.layer_map = layer_map if layer_map is not None else _layer_map_of(decoder_dir)
+            saved = decoder_dir / CONFIG_NAME
+            if saved.is_file():
+                config.refresh_every = json.loads(saved.read_text()).get("refresh_every", 0)
+            a, b = _tokenizer_fingerprint(full_dir), _tokenizer_fingerprint(decoder_dir)
+            if a and b and a != b:
+                raise OverfillError(f"the decoder's tokenizer ({decoder_dir}) differs from the full model's ({full_dir})")
+        return cls(full_model, decoder_model, load_tokenizer(full_dir), config, _generation_eos_ids(full_dir))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, full: str | None = None, **kwargs) -> "TwoStageModel":
+        """Load an OverFill directory; `full` overrides the recorded full-model reference."""
+        path = Path(path)
+        file = path / CONFIG_NAME
+        if not file.is_file():
+            raise OverfillError(f"'{path}' is not an OverFill model directory: it has no {CONFIG_NAME}")
+        try:
+            saved = TwoStageConfig(**json.loads(file.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise OverfillError(f"{file} is malformed: {e}") from None
+        model = cls.from_refs(full or saved.full, str(path), layer_map=saved.layer_map, **kwargs)
+        saved.full = full or saved.full
+        model.config = saved
+        return model
+
+    def save_pretrained(self, path: str | os.PathLike, decoder_config_from: str | os.PathLike) -> None:
+        """Decoder as a plain HF directory (config/tokenizer copied from `decoder_config_from`) + overfill.json."""
+        if not self.is_two_stage:
+            raise OverfillError("nothing to save: this model has no separate decoder")
+        path = Path(path)
+        save_model(self.decoder, path, config_from=decoder_config_from)
+        (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
+
+
+def split_logits(full: Transformer, decoder: Transformer, tokens: Tensor, attention_mask: Tensor,
+                 prompt_mask: Tensor, layer_map: list[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Teacher-forced two-stage logits, as generation would compute them.
+
+    tokens, attention_mask, prompt_mask: `[B, T]`; prompt_mask marks the tokens the full
+    model prefills. Returns `(logits [B, T, V], full_hidden [B, T, D_full])`: logits at
+    prompt positions come from the frozen full model (the last one predicts the first
+    response token), the rest from the decoder, whose attention reads the full model's
+    keys and values at prompt positions. Gradients flow into the decoder only.
+    """
+    B, T = tokens.shape
+    positions = positions_from_padding(attention_mask)  # [B, T]
+    slots = torch.arange(T, device=tokens.device)
+    mask = causal_mask(attention_mask.bool(), slots)  # [B, 1, T, T]
+    with torch.no_grad():
+        full_cache = full.new_kv_cache(B, T)
+        full_hidden = full.hidden(tokens, positions, mask, full_cache, slots)  # [B, T, D_full]
+    source = full_cache.select_layers(layer_map)
+    logits = decoder(tokens, positions, mask, shared_kv=(source, prompt_mask[:, None, :, None]))  # [B, T, V]
+    with torch.no_grad():
+        prompt_logits = full.lm_head(full_hidden[prompt_mask]).to(logits.dtype)  # [N_prompt, V]
+    return logits.masked_scatter(prompt_mask[..., None], prompt_logits), full_hidden
+
+
+# ---------------------------------------------------------------------------- `overfill info`
+
+@dataclass
+class InfoArgs:
+    models: list[str] = field(default_factory=list, metadata={
+        "help": "one model reference, or a full model and a decoder to check cache compatibility",
+        "positional": True})
+
+
+def describe(args: ModelArgs) -> dict:
+    return {
+        "type": args.model_type, "parameters": args.num_params(), "bytes_bf16": 2 * args.num_params(),
+        "layers": args.num_hidden_layers, "hidden": args.hidden_size, "intermediate": args.intermediate_size,
+        "query_heads": args.num_attention_heads, "kv_heads": args.num_key_value_heads, "head_dim": args.head_dim,
+        "vocab": args.vocab_size,
+        "kv_bytes_per_token_bf16": 2 * 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim,
+    }
+
+
+def info_command(args: InfoArgs) -> None:
+    from .hub import resolve
+    from .model import read_config
+
+    if not 1 <= len(args.models) <= 2:
+        raise OverfillError("give one model, or a full model and a decoder")
+    dirs = [resolve(m) for m in args.models]
+    described = [ModelArgs.from_hf(read_config(d)) for d in dirs]
+    for ref, model_args in zip(args.models, described):
+        print(f"{ref}:")
+        for key, value in describe(model_args).items():
+            print(f"  {key:26s} {value:,}" if isinstance(value, int) else f"  {key:26s} {value}")
+    if len(described) == 2:
+        problems = check_compatible(*described, layer_map=_layer_map_of(dirs[1]))
+        ratio = described[1].num_params() / described[0].num_params()
+        print(f"decoder/full parameters: {ratio:.3f}")
+        print("KV cache: compatible" if not problems else "KV cache: NOT compatible: " + "; ".join(problems))

@@ -1,0 +1,110 @@
+import pytest
+import torch
+from torch.testing import assert_close
+
+from overfill.errors import OverfillError
+from overfill.model import (ModelArgs, causal_mask, from_state_dict, load_model, positions_from_padding,
+                            save_model)
+from conftest import tiny_hf_config, tiny_hf_model
+
+ARCHS = [
+    ("llama", {}),
+    ("llama", {"tie_word_embeddings": True, "attention_bias": True}),
+    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 64}}),
+    ("mistral", {}),
+    ("qwen2", {}),
+    ("qwen3", {}),
+]
+
+
+def ours(hf) -> "torch.nn.Module":
+    return from_state_dict(ModelArgs.from_hf(hf.config), hf.state_dict())
+
+
+def full_mask(attention_mask):
+    T = attention_mask.shape[1]
+    return causal_mask(attention_mask.bool(), torch.arange(T))
+
+
+@pytest.mark.parametrize("arch,overrides", ARCHS)
+def test_logits_match_transformers(arch, overrides):
+    hf = tiny_hf_model(arch, **overrides)
+    model = ours(hf)
+    tokens = torch.randint(3, 128, (2, 11))
+    attention_mask = torch.ones_like(tokens)
+    attention_mask[1, :4] = 0  # left padding
+    ref = hf(input_ids=tokens, attention_mask=attention_mask,
+             position_ids=positions_from_padding(attention_mask)).logits
+    got = model(tokens, positions_from_padding(attention_mask), full_mask(attention_mask))
+    real = attention_mask.bool()
+    assert_close(got[real], ref[real], atol=1e-5, rtol=1e-4)
+
+
+def test_cached_prefill_and_decode_equal_full_forward():
+    model = ours(tiny_hf_model("qwen3"))
+    tokens = torch.randint(3, 128, (2, 9))
+    attention_mask = torch.ones_like(tokens)
+    attention_mask[0, :3] = 0
+    positions = positions_from_padding(attention_mask)
+    reference = model(tokens, positions, full_mask(attention_mask))
+    cache = model.new_kv_cache(2, 16)
+    cache.valid[:, :9] = attention_mask.bool()
+    logits = model(tokens[:, :6], positions[:, :6], causal_mask(cache.valid[:, :6], torch.arange(6)),
+                   cache, torch.arange(6), kv_len=6)
+    steps = [logits]
+    for t in range(6, 9):
+        slot = torch.tensor([t])
+        steps.append(model(tokens[:, t:t + 1], positions[:, t:t + 1], causal_mask(cache.valid[:, :t + 1], slot),
+                           cache, slot, kv_len=t + 1))
+    assert_close(torch.cat(steps, 1)[attention_mask.bool()], reference[attention_mask.bool()], atol=1e-5, rtol=1e-4)
+
+
+def test_num_params_matches_module():
+    for arch, overrides in ARCHS:
+        model = ours(tiny_hf_model(arch, **overrides))
+        distinct = sum(p.numel() for p in model.parameters())
+        assert model.args.num_params() == distinct, arch
+
+
+def test_save_model_roundtrip_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    hf = tiny_hf_model("llama", tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path / "src")
+    model = load_model(tmp_path / "src")
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    save_model(model, tmp_path / "out", config_from=tmp_path / "src")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert_close(reloaded.model.norm.weight, model.model.norm.weight)
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_unsupported_architecture_is_a_clear_error():
+    with pytest.raises(OverfillError, match="unsupported architecture 'gpt2'"):
+        ModelArgs.from_hf({"model_type": "gpt2"})
+
+
+def test_missing_weights_is_a_clear_error(tmp_path):
+    hf = tiny_hf_model("llama")
+    state = hf.state_dict()
+    state.pop("model.layers.1.mlp.up_proj.weight")
+    with pytest.raises(OverfillError, match="lack 1 tensors"):
+        from_state_dict(ModelArgs.from_hf(hf.config), state)
+
+
+@pytest.mark.slow
+def test_smollm2_matches_transformers(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    model = load_model(smollm2_dir)
+    assert model.args.head_dim == 64 and model.args.num_key_value_heads == 3
+    tokens = torch.randint(0, 49152, (1, 24))
+    mask = torch.ones_like(tokens)
+    with torch.no_grad():
+        ref = hf(input_ids=tokens).logits
+        got = model(tokens, positions_from_padding(mask), full_mask(mask))
+    assert_close(got, ref, atol=2e-4, rtol=1e-4)
