@@ -1,0 +1,180 @@
+"""`overfill build`: prune -> train OverFill -> train the pruned baseline -> evaluate -> benchmark -> report.
+
+Every stage writes under the run folder and ends by writing `<stage>.done.json` (its
+settings); a finished stage is skipped, so a stopped build continues where it stopped
+(training resumes from its last checkpoint). Rerunning a finished stage with other
+settings is refused rather than silently mixing results.
+
+    runs/NAME/
+      build_config.json      the BuildConfig
+      pruned/                the pruned decoder (HF dir + prune_record.json)
+      overfill/              the OverFill decoder (HF dir + overfill.json), trained with the full model frozen
+      baseline/              the pruned baseline, trained alone on the same data and budget
+      eval/{full,pruned,overfill}.json
+      bench.json
+      report.md, quality.png, latency.png
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import OverfillError
+
+
+@dataclass
+class BuildConfig:
+    full: str = field(default="smollm2-135m-instruct", metadata={"help": "the full model"})
+    out: str = field(default="runs/smollm2", metadata={"help": "run folder"})
+    hidden: float = field(default=0.45, metadata={"help": "hidden width to remove (ratio) or keep (absolute)"})
+    intermediate: float = field(default=0.45, metadata={"help": "MLP width to remove (ratio) or keep (absolute)"})
+    heads: float = field(default=0.0, metadata={"help": "query heads to remove (ratio) or keep (absolute)"})
+    depth: float = field(default=0.0, metadata={"help": "layers to remove (ratio) or keep (absolute)"})
+    calibration_samples: int = field(default=64, metadata={"help": "calibration sequences for pruning"})
+    calibration_seq_len: int = field(default=256, metadata={"help": "tokens per calibration sequence"})
+    data: str = field(default="sharegpt", metadata={"help": "training data (see `overfill train`)"})
+    steps: int | None = field(default=60, metadata={"help": "optimizer steps per trained model"})
+    tokens: int | None = field(default=None, metadata={"help": "token budget per trained model instead of --steps"})
+    batch_size: int = field(default=8, metadata={"help": "examples per optimizer step"})
+    max_len: int = field(default=384, metadata={"help": "tokens per training example"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    warmup: int = field(default=10, metadata={"help": "warm-up steps"})
+    kd_weight: float = field(default=0.0, metadata={"help": "distillation weight (both trained models)"})
+    tasks: str = field(default="default", metadata={"help": "benchmark tasks (see `overfill eval`)"})
+    limit: int | None = field(default=100, metadata={"help": "documents per task (none: all)"})
+    chat_examples: int = field(default=16, metadata={"help": "held-out chats for chat quality"})
+    bench_prompt_len: int = field(default=256, metadata={"help": "benchmark prompt length"})
+    bench_new_tokens: int = field(default=64, metadata={"help": "benchmark output length"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, ... (auto: cuda if available)"})
+    seed: int = field(default=0, metadata={"help": "seed of the data order"})
+
+
+BuildArgs = BuildConfig
+
+
+class Run:
+    """The run folder: stage markers and the skip/resume rule."""
+
+    def __init__(self, cfg: BuildConfig):
+        self.cfg, self.dir = cfg, Path(cfg.out)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "build_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def stage(self, name: str, settings: dict, work: Callable[[], object]) -> None:
+        marker = self.dir / f"{name}.done.json"
+        if marker.is_file():
+            done = json.loads(marker.read_text())
+            if done["settings"] != settings:
+                changed = sorted(k for k in settings if done["settings"].get(k) != settings[k])
+                raise OverfillError(f"stage '{name}' in {self.dir} was built with other settings ({', '.join(changed)}): "
+                                    f"use a new --out, or delete {marker} to redo it")
+            print(f"[build] {name}: done, skipped")
+            return
+        print(f"[build] {name} ...", flush=True)
+        started = time.perf_counter()
+        work()
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"settings": settings, "seconds": round(time.perf_counter() - started, 1)}, indent=2))
+        os.replace(tmp, marker)
+        print(f"[build] {name}: {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def _prune(run: Run) -> None:
+    from .prune import PruneConfig, prune
+
+    c = run.cfg
+    cfg = PruneConfig(hidden=c.hidden, intermediate=c.intermediate, heads=c.heads, depth=c.depth,
+                      calibration=c.data, samples=c.calibration_samples, seq_len=c.calibration_seq_len,
+                      device=c.device, seed=c.seed)
+    run.stage("prune", {"full": c.full, **asdict(cfg)},
+              lambda: prune(c.full, cfg, run.path("pruned"), overwrite=True))
+
+
+def _train(run: Run, mode: str, out: str) -> None:
+    from .train import TrainConfig, train
+
+    c = run.cfg
+    cfg = TrainConfig(full=c.full, decoder=str(run.path("pruned")), data=c.data, out=str(run.path(out)), mode=mode,
+                      kd_weight=c.kd_weight, steps=c.steps, tokens=c.tokens, batch_size=c.batch_size, lr=c.lr,
+                      warmup=c.warmup, max_len=c.max_len, seed=c.seed, resume=True,
+                      checkpoint_every=max(1, (c.steps or 100) // 4), eval_every=0, val_examples=16)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "checkpoint_every")}
+    run.stage(f"train_{out}", settings, lambda: train(cfg))
+
+
+def _evaluate(run: Run, label: str, decoder: str | None, mode: str) -> None:
+    from .evaluate import EvalConfig, evaluate
+
+    c = run.cfg
+    cfg = EvalConfig(full=c.full, decoder=decoder, mode=mode, tasks=c.tasks, limit=c.limit,
+                     chat_examples=c.chat_examples, chat_source=c.data, device=c.device)
+
+    def work() -> None:
+        out = run.path("eval") / f"{label}.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(evaluate(cfg), indent=2))
+
+    run.stage(f"eval_{label}", asdict(cfg), work)
+
+
+def build(cfg: BuildConfig) -> Path:
+    """Run (or continue) the whole pipeline; returns the report path."""
+    run = Run(cfg)
+    _prune(run)
+    _train(run, "overfill", "overfill")
+    _train(run, "pruned", "baseline")
+    _evaluate(run, "full", None, "full")
+    _evaluate(run, "pruned", str(run.path("baseline")), "decoder")
+    _evaluate(run, "overfill", str(run.path("overfill")), "overfill")
+    _bench(run)
+    return _report(run)
+
+
+def build_command(args: BuildArgs) -> None:
+    report = build(args)
+    print(f"wrote {report}")
+
+
+def _bench(run: Run) -> None:
+    from .bench import BenchArgs, bench_command
+
+    c = run.cfg
+    args = BenchArgs(full=c.full, decoder=str(run.path("overfill")), prompt_len=[c.bench_prompt_len],
+                     output_len=[c.bench_new_tokens], refresh_every=[], device=c.device,
+                     out=str(run.path("bench") / "bench.json"))
+    run.stage("bench", asdict(args), lambda: bench_command(args))
+
+
+def _report(run: Run) -> Path:
+    """report.md: the quality table and plot, then the latency table and plots."""
+    from .evaluate import load_results, plot_accuracy, report_markdown
+
+    records = [load_results(run.path("eval") / f"{name}.json") for name in ("full", "pruned", "overfill")]
+    plot_accuracy(records, run.path("quality.png"))
+    bench = json.loads((run.path("bench") / "bench.json").read_text())
+    from .bench import table
+
+    c = run.cfg
+    budget = f"{c.steps} steps" if c.tokens is None else f"{c.tokens:,} tokens"
+    text = "\n".join([
+        f"# OverFill build: {c.full}", "",
+        f"Decoder: hidden -{c.hidden:g}, intermediate -{c.intermediate:g}, heads -{c.heads:g}, depth -{c.depth:g}; "
+        f"OverFill decoder and pruned baseline each trained on `{c.data}` for {budget} "
+        f"(batch {c.batch_size}, max_len {c.max_len}, lr {c.lr:g}); benchmarks limited to {c.limit} documents per task.",
+        "", "## Quality", "",
+        report_markdown(records).split("\n", 2)[2],  # drop the report's own title
+        "![quality](quality.png)", "",
+        "## Latency", "", f"Device: {bench['machine'].get('device', '')}; bandwidth {bench['bandwidth']['gbps']:.1f} GB/s measured.", "",
+        table(bench),
+        *[f"![{p.stem}](bench/{p.name})" for p in sorted(run.path("bench").glob("*.png"))], "",
+        f"Settings: `{run.path('build_config.json')}`.", ""])
+    out = run.path("report.md")
+    out.write_text(text)
+    return out

@@ -1,0 +1,71 @@
+"""`overfill build` end to end on a tiny random model with the real tokenizer and data."""
+import json
+
+import pytest
+
+from overfill.build import BuildConfig, build
+from overfill.errors import OverfillError
+from conftest import tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def tiny_full(tmp_path_factory):
+    from overfill.hub import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny") / "full"
+    tiny_hf_model("llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=1024).save_pretrained(path)
+    load_tokenizer("smollm2-135m-instruct").save_pretrained(path)
+    return path
+
+
+def tiny_build(full, out, **overrides) -> BuildConfig:
+    settings = dict(full=str(full), out=str(out), hidden=0.5, intermediate=0.5, calibration_samples=4,
+                    calibration_seq_len=64, steps=3, batch_size=2, max_len=128, warmup=1,
+                    tasks="arc_easy,lambada", limit=3, chat_examples=2, bench_prompt_len=16, bench_new_tokens=4,
+                    device="cpu")
+    settings.update(overrides)
+    return BuildConfig(**settings)
+
+
+def test_build_runs_every_stage_and_resumes(tiny_full, tmp_path, monkeypatch):
+    import overfill.evaluate as evaluate_module
+
+    cfg = tiny_build(tiny_full, tmp_path / "run")
+    real_evaluate = evaluate_module.evaluate
+    calls = []
+
+    def interrupted(eval_cfg, model=None):
+        calls.append(eval_cfg.mode)
+        if eval_cfg.mode == "decoder":
+            raise KeyboardInterrupt  # the user stops the build in the middle of the evaluations
+        return real_evaluate(eval_cfg, model)
+
+    monkeypatch.setattr(evaluate_module, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(cfg)
+    run = tmp_path / "run"
+    done = {p.name for p in run.glob("*.done.json")}
+    assert done == {"prune.done.json", "train_overfill.done.json", "train_baseline.done.json", "eval_full.done.json"}
+    stamps = {p.name: p.stat().st_mtime_ns for p in run.glob("*.done.json")}
+
+    monkeypatch.setattr(evaluate_module, "evaluate", real_evaluate)
+    report = build(cfg)
+    for name, stamp in stamps.items():  # finished stages were skipped, not redone
+        assert (run / name).stat().st_mtime_ns == stamp
+    text = report.read_text()
+    for expected in ("## Quality", "arc_easy", "lambada", "average", "## Latency", "TPOT"):
+        assert expected in text
+    assert (run / "quality.png").stat().st_size > 0
+    full, pruned, overfill = (json.loads((run / "eval" / f"{n}.json").read_text()) for n in ("full", "pruned", "overfill"))
+    assert (full["mode"], pruned["mode"], overfill["mode"]) == ("full", "decoder", "overfill")
+    assert overfill["models"]["decode_params"] < full["models"]["decode_params"]
+    record = json.loads((run / "pruned" / "prune_record.json").read_text())
+    assert record["pruned"]["hidden_size"] < record["full"]["hidden_size"]
+    summaries = [json.loads((run / trained / "summary.json").read_text()) for trained in ("overfill", "baseline")]
+    assert [s["mode"] for s in summaries] == ["overfill", "pruned"]
+    assert summaries[0]["steps"] == summaries[1]["steps"] == 3
+    assert summaries[0]["tokens"] == summaries[1]["tokens"]  # the same data and budget
+
+    with pytest.raises(OverfillError, match="other settings"):
+        build(tiny_build(tiny_full, run, steps=4))
