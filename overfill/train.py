@@ -44,6 +44,7 @@ from torch import Tensor
 
 from .errors import OverfillError
 from .model import Transformer, causal_mask, positions_from_padding
+from .two_stage import TwoStageModel, split_logits
 
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -170,8 +171,6 @@ def response_losses(full: Transformer | None, decoder: torch.nn.Module, batch: d
     after. pruned: the decoder alone on the whole sequence. The KD teacher is the full model's
     next-token distribution given the whole sequence (zeros when kd is False).
     """
-    from .two_stage import split_logits
-
     tokens, attention_mask, loss_mask = batch["tokens"], batch["attention_mask"], batch["loss_mask"]
     if mode == "overfill":
         logits, full_hidden = split_logits(full, decoder, tokens, attention_mask, batch["prompt_mask"], layer_map)
@@ -353,7 +352,6 @@ class Trainer:
     def load_models(self) -> None:
         from .hub import load_tokenizer, resolve
         from .model import load_model
-        from .two_stage import TwoStageModel
 
         cfg, device = self.cfg, self.accelerator.device
         self.decoder_dir = resolve(cfg.decoder)
@@ -363,8 +361,8 @@ class Trainer:
             full.requires_grad_(False)
             self.full = full.to(device=device, dtype=full_model_dtype(cfg.full_dtype)).eval()
         else:
-            decoder, self.tokenizer, self.full, self.pair_config = (
-                load_model(self.decoder_dir, dtype=torch.float32), load_tokenizer(cfg.full), None, None)
+            decoder = load_model(self.decoder_dir, dtype=torch.float32)  # the baseline needs no full model
+            self.tokenizer, self.full, self.pair_config = load_tokenizer(cfg.full), None, None
         if decoder.args.vocab_size < len(self.tokenizer):
             raise OverfillError(f"the decoder's vocabulary ({decoder.args.vocab_size}) is smaller than the full "
                                 f"model's tokenizer ({len(self.tokenizer)}): it was not pruned from '{cfg.full}'")
@@ -415,7 +413,8 @@ class Trainer:
         self.accelerator.load_state(str(checkpoint))
         self.state = json.loads((checkpoint / STATE_FILE).read_text())
         self.start_step = self.state["step"]
-        self.train_loader = self.accelerator.skip_first_batches(self.train_loader, self.start_step * self.cfg.grad_accum)
+        done = self.start_step * self.cfg.grad_accum  # micro-batches of this process already trained on
+        self.train_loader = self.accelerator.skip_first_batches(self.train_loader, done)
         self.accelerator.print(f"resuming from {checkpoint} (step {self.start_step} of {self.steps})")
 
     # ------------------------------------------------------------------------ loop
@@ -572,8 +571,6 @@ class Trainer:
         acc.wait_for_everyone()
 
     def save_overfill(self, decoder: Transformer) -> None:
-        from .two_stage import TwoStageModel
-
         config = self.pair_config
         config.full = self.cfg.full
         config.extra = {**config.extra, "training": asdict(self.cfg), "decoder_source": str(self.decoder_dir)}
