@@ -357,9 +357,12 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as e:
         raise OverfillError(f"bad device '{name}': {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OverfillError(f"device '{name}' asked for, but torch finds no CUDA GPU here (use --device cpu)")
+    return device
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -165,3 +165,14 @@ def test_smollm2_answers_sensibly_and_streams_the_same_text(smollm2_dir):
     text = generate(model, ["What is the capital of France?"], params)[0].text
     assert "Paris" in text
     assert "".join(stream(model, "What is the capital of France?", params)) == text
+
+
+def test_asking_for_a_missing_gpu_is_a_clear_error():
+    from overfill.generate import pick_device
+
+    assert pick_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(OverfillError, match="no CUDA GPU"):
+            pick_device("cuda")
+    with pytest.raises(OverfillError, match="bad device"):
+        pick_device("floppy")
