@@ -72,7 +72,7 @@ class BenchArgs:
     systems: list[str] = field(default_factory=list, metadata={
         "help": f"systems to time, of {', '.join(SYSTEMS)} (default: all there are)"})
     refresh_every: list[int] = field(default_factory=lambda: [8, 32], metadata={
-        "help": "also time OverFill with a refresh every K tokens, for each K"})
+        "help": "also time OverFill with a refresh every K tokens, for each K (0: none)"})
     engine: list[str] = field(default_factory=list, metadata={
         "help": "our engine: eager and/or compiled (default: compiled on a GPU, eager on a CPU)"})
     hf_cache: Literal["dynamic", "static"] = field(default="dynamic", metadata={
@@ -140,7 +140,7 @@ def load_suite(args: BenchArgs, systems: list[str], device: torch.device, dtype:
         full, hf = random_model(LLAMA32_3B, dtype, device, args.seed)
         decoder, _ = random_model(pruned_config(LLAMA32_3B, args.prune_hidden, args.prune_intermediate),
                                   dtype, device, args.seed + 1)
-        reference, _ = random_model(LLAMA32_1B, dtype, device, args.seed + 2) if "reference" in systems else (None, None)
+        reference = random_model(LLAMA32_1B, dtype, device, args.seed + 2)[0] if "reference" in systems else None
         return Suite(full, decoder, None, reference, hf if want_hf else None, LLAMA32_3B["pad_token_id"],
                      {"full": "random: Llama-3.2-3B shape", "decoder": "random: pruned Llama-3.2-3B shape",
                       "reference": "random: Llama-3.2-1B shape"})
@@ -155,7 +155,8 @@ def load_suite(args: BenchArgs, systems: list[str], device: torch.device, dtype:
         full = load_model(full_dir, dtype=dtype, device=device)
         shape = pruned_config(config, args.prune_hidden, args.prune_intermediate)
         decoder, layer_map = random_model(shape, dtype, device, args.seed)[0], None
-        decoder_source = f"random: {args.full} pruned --hidden {args.prune_hidden} --intermediate {args.prune_intermediate}"
+        decoder_source = (f"random: {args.full} pruned --hidden {args.prune_hidden} "
+                          f"--intermediate {args.prune_intermediate}")
     hf = load_hf_model(full_dir, dtype=dtype).to(device).eval() if want_hf else None
     pad = config.get("pad_token_id", config.get("eos_token_id"))
     pad = (pad[0] if isinstance(pad, list) else pad) or 0
@@ -283,7 +284,8 @@ class Contender:
     """Whose cache layout the system keeps (OverFill: the full model's)."""
 
 
-def contenders(suite: Suite, systems: list[str], engines: list[str], refresh: list[int], hf_cache: str) -> list[Contender]:
+def contenders(suite: Suite, systems: list[str], engines: list[str], refresh: list[int],
+               hf_cache: str) -> list[Contender]:
     out = []
     for engine in engines:
         suffix = f" ({engine})" if len(engines) > 1 else ""
@@ -330,7 +332,8 @@ def ratios(runs: dict[str, dict], engines: list[str], refresh: list[int]) -> dic
         pairs = {"full/overfill": (f"full{sfx}", f"overfill{sfx}"), "hf/overfill": ("hf", f"overfill{sfx}"),
                  "overfill/decoder": (f"overfill{sfx}", f"decoder{sfx}"), "hf/full": ("hf", f"full{sfx}"),
                  "reference/overfill": (f"reference{sfx}", f"overfill{sfx}")}
-        pairs.update({f"overfill+refresh{k}/overfill": (f"overfill+refresh{k}{sfx}", f"overfill{sfx}") for k in refresh})
+        for k in refresh:
+            pairs[f"overfill+refresh{k}/overfill"] = (f"overfill+refresh{k}{sfx}", f"overfill{sfx}")
         for name, (slow, fast) in pairs.items():
             for key in ("tpot_s", "e2e_s"):
                 value = _ratio(runs, slow, fast, key)
@@ -342,9 +345,11 @@ def ratios(runs: dict[str, dict], engines: list[str], refresh: list[int]) -> dic
 # ---------------------------------------------------------------------------- the run
 
 def _check(args: BenchArgs, systems: list[str], engines: list[str]) -> None:
-    for name in ("prompt_len", "output_len", "batch_size", "refresh_every"):
+    for name in ("prompt_len", "output_len", "batch_size"):
         if any(v < 1 for v in getattr(args, name)):
             raise OverfillError(f"--{name.replace('_', '-')} values must be >= 1, got {getattr(args, name)}")
+    if any(k < 0 for k in args.refresh_every):
+        raise OverfillError(f"--refresh-every values must be >= 0 (0: none), got {args.refresh_every}")
     if min(args.output_len) < 2:
         raise OverfillError("--output-len must be >= 2: time per output token needs a decode step")
     if args.repeats < 1 or args.warmup < 0:
@@ -383,6 +388,7 @@ def machine(device: torch.device) -> dict:
                  if ln.startswith("model name")]
         cpu = names[0] if names else cpu
     info = {"device": str(device), "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__}
     if device.type == "cuda":
@@ -397,7 +403,8 @@ def run_bench(suite: Suite, args: BenchArgs, device: torch.device, systems: list
 
     _window_check(suite, args.prompt_len, args.output_len)
     bandwidth_start = measure_bandwidth(device)
-    lineup = contenders(suite, systems, engines, args.refresh_every, args.hf_cache)
+    refresh = [k for k in args.refresh_every if k > 0]
+    lineup = contenders(suite, systems, engines, refresh, args.hf_cache)
     configs = list(itertools.product(args.prompt_len, args.output_len, args.batch_size))
     result = {"machine": machine(device), "load_average_start": os.getloadavg(), "settings": asdict(args),
               "models": {}, "configs": []}
@@ -423,7 +430,7 @@ def run_bench(suite: Suite, args: BenchArgs, device: torch.device, systems: list
             runs[c.label] = run
         ours = next((c.label for c in lineup if c.system == "full"), None)
         result["configs"].append({"prompt_len": prompt_len, "output_len": output_len, "batch_size": batch,
-                                  "runs": runs, "ratios": ratios(runs, engines, args.refresh_every),
+                                  "runs": runs, "ratios": ratios(runs, engines, refresh),
                                   "hf_tokens_equal_full": timings["hf"][0].tokens == timings[ours][0].tokens
                                   if "hf" in timings and ours else None})
     progress.close()
@@ -475,7 +482,8 @@ def table(result: dict) -> str:
                          f"| {r['floor_fraction']:.0%} | {r['kv_bytes_per_token'] / 1024:.1f} |")
         if cfg["ratios"]:
             lines += ["", "| ratio (per round) | median | min | max |", "|---|---:|---:|---:|"]
-            lines += [f"| {k} | {v['median']:.2f} | {v['min']:.2f} | {v['max']:.2f} |" for k, v in cfg["ratios"].items()]
+            lines += [f"| {k} | {v['median']:.2f} | {v['min']:.2f} | {v['max']:.2f} |"
+                      for k, v in cfg["ratios"].items()]
         lines.append("")
     return "\n".join(lines)
 

@@ -102,7 +102,8 @@ def test_bench_command_writes_consistent_results(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["models"]) == {"full", "decoder"}
     full, decoder = result["models"]["full"], result["models"]["decoder"]
-    assert decoder["shape"]["hidden"] < full["shape"]["hidden"] and decoder["kv_bytes_per_token"] == full["kv_bytes_per_token"]
+    assert decoder["shape"]["hidden"] < full["shape"]["hidden"]
+    assert decoder["kv_bytes_per_token"] == full["kv_bytes_per_token"]  # pruning keeps the cache layout
     assert [(c["prompt_len"], c["output_len"], c["batch_size"]) for c in result["configs"]] == [(6, 3, 1), (6, 3, 2)]
     gbps = result["bandwidth"]["gbps"]
     for cfg in result["configs"]:
@@ -115,8 +116,9 @@ def test_bench_command_writes_consistent_results(tmp_path):
             assert r["tpot_s"] <= r["tpot_p90_s"] and r["ttft_s"] < r["e2e_s"]
             assert r["floor_fraction"] == pytest.approx(r["floor_s"] / r["tpot_s"])
             assert r["kv_cache_bytes"] == r["kv_bytes_per_token"] * B * (cfg["prompt_len"] + n)
-        assert runs["overfill"]["floor_s"] == pytest.approx(
-            (decoder["weight_bytes_per_step"] + decoder["kv_bytes_per_token"] * B * (cfg["prompt_len"] + n / 2)) / gbps / 1e9)
+        mean_slots = cfg["prompt_len"] + n / 2  # decode step i attends prompt_len + i + 1 slots
+        overfill_bytes = decoder["weight_bytes_per_step"] + decoder["kv_bytes_per_token"] * B * mean_slots
+        assert runs["overfill"]["floor_s"] == pytest.approx(overfill_bytes / gbps / 1e9)
         refresh_floor = runs["overfill"]["floor_s"] + full["weight_bytes_per_step"] / 2 / gbps / 1e9
         assert runs["overfill+refresh2"]["floor_s"] == pytest.approx(refresh_floor)
         per_round = np.array(runs["full"]["per_repeat"]["tpot_s"]) / np.array(runs["overfill"]["per_repeat"]["tpot_s"])
@@ -133,6 +135,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
     for bad, message in ((dict(output_len=[1]), "output-len"), (dict(systems=["fast"]), "unknown system"),
                          (dict(engine=["jit"]), "unknown system or engine"),
                          (dict(systems=["reference"]), "reference"), (dict(batch_size=[0]), "batch-size"),
+                         (dict(refresh_every=[-1]), "refresh-every"),
                          (dict(prompt_len=[250], output_len=[10]), "context window")):
         with pytest.raises(OverfillError, match=message):
             bench_command(BenchArgs(**{**base, **bad}))
