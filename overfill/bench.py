@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from .errors import OverfillError
-from .generate import BatchDecoder, SamplingParams, default_dtype, pick_device
+from .device import default_dtype, pick_device
+from .generate import BatchDecoder, SamplingParams
 from .model import ModelArgs, Transformer, from_state_dict, load_model, read_config
 from .two_stage import TwoStageConfig, TwoStageModel
 

@@ -25,6 +25,8 @@ from typing import Callable
 
 from .errors import OverfillError
 
+DEFAULT_STEPS = 20  # the README's main job on the 2-core CPU
+
 
 @dataclass
 class BuildConfig:
@@ -37,7 +39,8 @@ class BuildConfig:
     calibration_samples: int = field(default=32, metadata={"help": "calibration sequences for pruning"})
     calibration_seq_len: int = field(default=256, metadata={"help": "tokens per calibration sequence"})
     data: str = field(default="sharegpt", metadata={"help": "training data (see `overfill train`)"})
-    steps: int | None = field(default=20, metadata={"help": "optimizer steps per trained model"})
+    steps: int | None = field(default=None, metadata={
+        "help": f"optimizer steps per trained model (default {DEFAULT_STEPS} when --tokens is not given)"})
     tokens: int | None = field(default=None, metadata={"help": "token budget per trained model instead of --steps"})
     batch_size: int = field(default=4, metadata={"help": "examples per optimizer step"})
     max_len: int = field(default=256, metadata={"help": "tokens per training example"})
@@ -51,6 +54,13 @@ class BuildConfig:
     bench_new_tokens: int = field(default=64, metadata={"help": "benchmark output length"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, ... (auto: cuda if available)"})
     seed: int = field(default=0, metadata={"help": "seed of the data order"})
+
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.tokens is not None:
+            raise OverfillError("give --steps or --tokens, not both")
+        if self.steps is None and self.tokens is None:
+            self.steps = DEFAULT_STEPS
 
 
 BuildArgs = BuildConfig

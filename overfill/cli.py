@@ -50,10 +50,21 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+def _or_none(convert: Callable) -> Callable:
+    """An argparse type for an Optional field: 'none' or 'null' give None, anything else `convert`."""
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its errors
+    return parse
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One argparse argument per dataclass field; help from field metadata."""
+    """One argparse argument per dataclass field; help from field metadata. An Optional field
+    also takes 'none' (or 'null'), so a default can be unset from the command line."""
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        optional = _unwrap_optional(hints[f.name]) is not hints[f.name]
         tp = _unwrap_optional(hints[f.name])
         meta = dict(f.metadata)
         kwargs: dict[str, Any] = {"help": meta.get("help", "")}
@@ -70,6 +81,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = tp
+        if optional and tp is not bool and "type" in kwargs:
+            kwargs["type"] = _or_none(kwargs["type"])
+            if "choices" in kwargs:
+                kwargs["choices"] = [*kwargs["choices"], None]
+            kwargs["help"] += " ('none' to unset)" if kwargs["help"] else ""
         if meta.get("positional"):
             if has_default and "nargs" not in kwargs:
                 kwargs["nargs"] = "?"

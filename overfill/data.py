@@ -447,3 +447,47 @@ def collate(examples: list[Example], pad_id: int) -> dict:
         "targets": targets,
         "loss_mask": (positions >= prompt_lens[:, None] - 1) & (positions < lengths[:, None] - 1),
     }
+
+
+def collate_split(examples: list[Example], pad_id: int) -> dict:
+    """Training batch in the inference layout: left-padded prompts, then right-padded responses.
+
+    The prompt part is what `prefill` sees (the same layout as `BatchDecoder`'s), so slot P - 1
+    holds every row's last prompt token; the response part follows from slot P. With P the longest
+    prompt and R the longest response:
+      prompt_tokens[b, s]    prompt token, pad_id in the left padding                   [B, P] long
+      prompt_valid[b, s]     s holds a real prompt token                                [B, P] bool
+      response_tokens[b, j]  response token j, pad_id after the response               [B, R] long
+      response_valid[b, j]   j < the response's length                                 [B, R] bool
+    Targets are the response tokens: token 0 is predicted at slot P - 1 (by the full model's prefill
+    in OverFill mode), token j > 0 at slot P + j - 1 from response token j - 1, so the decoder's
+    inputs are `response_tokens[:, :-1]` and the last column is never an input.
+    """
+    import torch
+
+    if not examples:
+        raise OverfillError("cannot collate an empty batch")
+    if any(not e.prompt_ids or not e.response_ids for e in examples):
+        raise OverfillError("every training example needs a prompt and a response token")
+    P = max(len(e.prompt_ids) for e in examples)
+    R = max(len(e.response_ids) for e in examples)
+    prompt_tokens = torch.full((len(examples), P), pad_id, dtype=torch.long)  # [B, P]
+    response_tokens = torch.full((len(examples), R), pad_id, dtype=torch.long)  # [B, R]
+    for row, e in enumerate(examples):
+        prompt_tokens[row, P - len(e.prompt_ids):] = torch.tensor(e.prompt_ids)
+        response_tokens[row, : len(e.response_ids)] = torch.tensor(e.response_ids)
+    prompt_lens = torch.tensor([len(e.prompt_ids) for e in examples])  # [B]
+    response_lens = torch.tensor([len(e.response_ids) for e in examples])  # [B]
+    return {
+        "prompt_tokens": prompt_tokens,
+        "prompt_valid": torch.arange(P)[None, :] >= P - prompt_lens[:, None],
+        "response_tokens": response_tokens,
+        "response_valid": torch.arange(R)[None, :] < response_lens[:, None],
+    }
+
+
+def padding_fraction(batch: dict) -> float:
+    """Padded slots / all slots of a `collate_split` batch."""
+    valid = int(batch["prompt_valid"].sum() + batch["response_valid"].sum())
+    total = batch["prompt_valid"].numel() + batch["response_valid"].numel()
+    return 1 - valid / total

@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from .data import Example, load_examples
 from .errors import OverfillError
-from .generate import SamplingParams, default_dtype, pick_device, prefill, stream_batch
+from .device import pick_device, resolve_precision
+from .generate import SamplingParams, prefill, stream_batch
 from .kv_cache import KVCache
 from .model import causal_mask, positions_from_padding
 from .tasks import DEFAULT_SUITE, Task, load_task
@@ -420,6 +421,9 @@ class EvalConfig:
     chat_max_new_tokens: int = field(default=64, metadata={"help": "greedy tokens generated per chat"})
     batch_size: int = field(default=32, metadata={"help": "requests per forward pass"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, ... (auto: cuda if available)"})
+    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
+        "help": "weights and activations in bf16 or fp32 (scores are summed in fp32); auto: bf16 where the "
+                "device has native bf16 matrix units (CUDA, AMX or AVX512-BF16 CPUs), else fp32"})
 
 
 @dataclass
@@ -456,8 +460,10 @@ def evaluate(cfg: EvalConfig, model: TwoStageModel | None = None) -> dict:
     if not loaded and not cfg.chat_examples:
         raise OverfillError("nothing to evaluate: --tasks none and --chat-examples 0")
     device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     if model is None:
-        model = TwoStageModel.from_refs(cfg.full, cfg.decoder, dtype=default_dtype(device), device=device)
+        model = TwoStageModel.from_refs(cfg.full, cfg.decoder, dtype=precision.dtype, device=device)
+        print(f"precision {precision.name} ({precision.reason})", flush=True)
     load_s = time.perf_counter() - started
     results = {}
     for task in loaded:

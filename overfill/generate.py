@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .errors import OverfillError
+from .device import default_dtype, pick_device
 from .kv_cache import KVCache
 from .model import Transformer, causal_mask, positions_from_padding
 from .two_stage import TwoStageModel
@@ -235,8 +236,7 @@ class TextState:
     def add(self, token: int) -> str:
         """Take one token; return the text that can now be shown."""
         if token in self.eos_ids and not self.params.ignore_eos:
-            self.finish_reason = "stop"
-            return self._flush()
+            return self._finish("stop")
         self.ids.append(token)
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         for s in self.params.stop:
@@ -245,9 +245,25 @@ class TextState:
                 self.text, self.finish_reason = self.text[:at], "stop"
                 return self._flush()
         if len(self.ids) >= self.max_new:
-            self.finish_reason = "length"
-            return self._flush()
+            return self._finish("length")
         return self._flush(hold=self._held_back())
+
+    def _finish(self, reason: str) -> str:
+        """End the text; a partial UTF-8 character at its end will never be completed, so it is dropped."""
+        self.finish_reason = reason
+        if self.text.endswith("\ufffd") and len(self.text) > self.emitted:
+            self.text = self._without_partial_char()
+        return self._flush()
+
+    def _without_partial_char(self) -> str:
+        """The text less its last 1-3 tokens if those decode to U+FFFD only (a partial character is at most 3
+        bytes; some decoders give one U+FFFD for it, byte-fallback ones one per byte)."""
+        for k in range(1, min(3, len(self.ids)) + 1):
+            head = self.tokenizer.decode(self.ids[:-k], skip_special_tokens=True)
+            if not head.endswith("\ufffd"):
+                tail = self.text[len(head):]
+                return head if self.text.startswith(head) and tail and set(tail) == {"\ufffd"} else self.text
+        return self.text
 
     def _held_back(self) -> int:
         """Characters to keep back: a partial UTF-8 character or a possible stop-string start."""
@@ -351,22 +367,6 @@ class GenerateArgs:
     refresh_every: int | None = field(default=None, metadata={
         "help": "let the full model re-process every K decoded tokens (default: the decoder's setting)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, ... (auto: cuda if available)"})
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise OverfillError(f"bad device '{name}': {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise OverfillError(f"device '{name}' asked for, but torch finds no CUDA GPU here (use --device cpu)")
-    return device
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def generate_command(args: GenerateArgs) -> None:

@@ -50,6 +50,14 @@ class KVCache:
         view.valid = self.valid
         return view
 
+    def first_slots(self, n: int) -> "KVCache":
+        """A view of slots 0..n-1 of every layer (no copy), e.g. the prompt part of a longer cache."""
+        view = KVCache.__new__(KVCache)
+        view.k = [k[:, :, :n] for k in self.k]
+        view.v = [v[:, :, :n] for v in self.v]
+        view.valid = self.valid[:, :n]
+        return view
+
     def copy_from(self, other: "KVCache") -> None:
         """Copy another cache of the same shape into this one (asserting the shapes match)."""
         assert len(other.k) == len(self.k), f"layers: {len(other.k)} != {len(self.k)}"

@@ -118,8 +118,9 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x [B, T, H, D]; cos, sin [B, T, D]
-    return x * cos[:, :, None] + rotate_half(x) * sin[:, :, None]
+    # x [B, T, H, D]; cos, sin [B, T, D], in x's dtype as in transformers (under autocast x is bf16)
+    cos, sin = cos.to(x.dtype)[:, :, None], sin.to(x.dtype)[:, :, None]
+    return x * cos + rotate_half(x) * sin
 
 
 class RMSNorm(nn.Module):
@@ -149,7 +150,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, args.rms_norm_eps)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, kv_cache: KVCache | None,
-                layer: int, slots: Tensor | None, kv_len: int | None, shared_kv: tuple | None) -> Tensor:
+                layer: int, slots: Tensor | None, kv_len: int | None, shared_kv: tuple | None,
+                prefix_kv: KVCache | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -165,8 +167,33 @@ class Attention(nn.Module):
             v = torch.where(use_source, source.v[layer], v)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, slots, k, v, kv_len)  # [B, H_kv, S, D]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        if prefix_kv is not None:
+            # Training: keys and values of earlier slots (the full model's prompt), read-only, then ours.
+            k = torch.cat((prefix_kv.k[layer].to(k.dtype), k), dim=2)  # [B, H_kv, P + T, D]
+            v = torch.cat((prefix_kv.v[layer].to(v.dtype), v), dim=2)
+        y = attention(q, k, v, mask)  # [B, H, T, D]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Masked attention: q `[B, H, T, D]`, k/v `[B, H_kv, S, D]`, mask `[B, 1, T, S]` bool -> `[B, H, T, D]`.
+
+    SDPA, except when training in bf16 on a CPU: there the plain formulation (bf16 batched
+    products, softmax with fp32 accumulation) runs forward + backward about 1.7x faster than the
+    CPU flash kernel with a mask (benchmarks/train/README.md). It keeps `[B * H, T, S]` scores
+    for the backward pass, which training batches afford.
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    if not (q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled()):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_rep > 1)
+    with torch.autocast("cpu", enabled=False):
+        B, H, T, D = q.shape
+        k, v = k.to(q.dtype).repeat_interleave(n_rep, 1), v.to(q.dtype).repeat_interleave(n_rep, 1)  # [B, H, S, D]
+        S = k.shape[2]
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        scores = torch.baddbmm(bias.expand(B, H, T, S).reshape(B * H, T, S), (q * D ** -0.5).reshape(B * H, T, D),
+                               k.reshape(B * H, S, D).transpose(1, 2))  # [B * H, T, S]
+        return torch.bmm(scores.softmax(-1), v.reshape(B * H, S, D)).view(B, H, T, D)
 
 
 class MLP(nn.Module):
@@ -188,8 +215,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x: Tensor, rope, mask, kv_cache, layer, slots, kv_len, shared_kv) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv_cache, layer, slots, kv_len, shared_kv)
+    def forward(self, x: Tensor, rope, mask, kv_cache, layer, slots, kv_len, shared_kv, prefix_kv=None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv_cache, layer, slots, kv_len, shared_kv,
+                               prefix_kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -223,27 +251,34 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor, positions: Tensor, mask: Tensor, kv_cache: KVCache | None = None,
                 slots: Tensor | None = None, kv_len: int | None = None, shared_kv: tuple | None = None,
-                last_only: bool = False) -> Tensor:
-        """Logits `[B, T, V]` (`[B, 1, V]` with last_only) for tokens `[B, T]`; see `hidden`."""
-        return self.lm_head(self.hidden(tokens, positions, mask, kv_cache, slots, kv_len, shared_kv, last_only))
+                last_only: bool = False, prefix_kv: KVCache | None = None, select: Tensor | None = None) -> Tensor:
+        """Logits `[B, T, V]` (`[B, 1, V]` with last_only) for tokens `[B, T]`; see `hidden`.
+
+        select `[B, T]` bool: logits `[N, V]` at the N selected positions only (where a loss is taken).
+        """
+        x = self.hidden(tokens, positions, mask, kv_cache, slots, kv_len, shared_kv, last_only, prefix_kv)
+        return self.lm_head(x if select is None else x[select])
 
     def hidden(self, tokens: Tensor, positions: Tensor, mask: Tensor, kv_cache: KVCache | None = None,
                slots: Tensor | None = None, kv_len: int | None = None, shared_kv: tuple | None = None,
-               last_only: bool = False) -> Tensor:
+               last_only: bool = False, prefix_kv: KVCache | None = None) -> Tensor:
         """Final-norm hidden states `[B, T, D]` for tokens `[B, T]`.
 
         positions `[B, T]`: rotary positions. mask `[B, 1, T, S]` bool: which keys each query
         sees (S = T without a cache, else the cache slots `[:kv_len]`). kv_cache/slots: write
         this step's K/V into those slots `[T]` and attend over the cache. shared_kv: see Attention.
+        prefix_kv: a cache of P slots whose keys and values come before these T tokens (S = P + T),
+        read without being written: the decoder's training pass over a response reads the full
+        model's prompt cache this way.
         """
         x = self.model.embed_tokens(tokens)  # [B, T, D]
         rope = self.rope(positions)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(
-                    layer, x, rope, mask, kv_cache, i, slots, kv_len, shared_kv, use_reentrant=False)
+                    layer, x, rope, mask, kv_cache, i, slots, kv_len, shared_kv, prefix_kv, use_reentrant=False)
             else:
-                x = layer(x, rope, mask, kv_cache, i, slots, kv_len, shared_kv)
+                x = layer(x, rope, mask, kv_cache, i, slots, kv_len, shared_kv, prefix_kv)
         if last_only:
             x = x[:, -1:]
         return self.model.norm(x)

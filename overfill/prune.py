@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .errors import OverfillError
-from .generate import pick_device
+from .device import pick_device, resolve_precision
 from .model import ModelArgs
 
 RECORD_FILE = "prune_record.json"
@@ -78,9 +78,10 @@ class PruneConfig:
         "help": "how activations are reduced over the tokens of a sequence"})
     batch_aggregate: Aggregate = field(default="l2", metadata={
         "help": "how per-sequence scores are reduced over the calibration set"})
-    compute_dtype: Literal["bfloat16", "float32"] = field(default="bfloat16", metadata={
-        "help": "precision of the calibration passes, on a copy of the model if its weights differ "
-                "(the saved weights keep their own precision)"})
+    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
+        "help": "precision of the calibration passes, on a copy of the model if its weights differ (the saved "
+                "weights keep their own precision); auto: bf16 where the device has native bf16 matrix units "
+                "(CUDA, AMX or AVX512-BF16 CPUs), else fp32"})
     device: str = field(default="auto", metadata={"help": "device for calibration: auto, cpu, cuda, cuda:1, ..."})
     seed: int = field(default=0, metadata={"help": "seed for picking calibration texts"})
 
@@ -605,7 +606,10 @@ def prune_model(model, tokenizer, cfg: PruneConfig, texts: list[str] | None = No
     batches = calibration_batches(tokenizer, _calibration_texts(cfg, tokenizer, texts), cfg.seq_len,
                                   cfg.batch_size, scored=cfg.loss_samples)
     params_before, bytes_before = _size(model)
-    work = _working_copy(model.eval(), getattr(torch, cfg.compute_dtype), pick_device(cfg.device))
+    device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    print(f"calibration in {precision.name} ({precision.reason})", flush=True)
+    work = _working_copy(model.eval(), precision.dtype, device)
     depth_pruned = pruning.pruned.num_hidden_layers < pruning.full.num_hidden_layers
     with _ImportanceHooks(work, cfg, blocks=depth_pruned and cfg.depth_method == "cosine") as hooks:
         loss_before = calibration_pass(work, batches, "importance", hooks)
@@ -617,7 +621,7 @@ def prune_model(model, tokenizer, cfg: PruneConfig, texts: list[str] | None = No
     loss_after = calibration_pass(work, [b for b in batches if b.scored], "pruned loss")
     params_after, bytes_after = _size(model)
     return PruneRecord(
-        source=source, architecture=model.config.model_type, config=asdict(cfg),
+        source=source, architecture=model.config.model_type, config={**asdict(cfg), **precision.as_dict()},
         full=asdict(pruning.full), pruned=asdict(pruning.pruned),
         rounding={name: asdict(r) for name, r in pruning.rounding.items()},
         kept={"hidden": kept.hidden.tolist(), "layers": kept.layers,

@@ -13,25 +13,38 @@ computes. At every step boundary the scheduler
 
 - frees the rows of requests that finished, failed or whose client went away (the last row
   moves into the hole, so the live rows stay a prefix and the step runs on them only);
-- admits waiting requests, first come first served, while a row is free and the columns
-  can hold them: the newcomers are prefilled together by the full model in a scratch cache
-  of their own, then copied into free rows right-aligned to end at the current column, and
-  from the next step on they decode with everyone else. A prompt longer than the current
-  column shifts the live columns right; a dead prefix (columns no live row reads any more)
-  wider than the live span is reclaimed by moving the live columns left. The cache grows by
-  doubling up to the context window. A newcomer waits while the longest prompt plus the
-  most tokens any row may still write would not fit in the context window.
+- admits waiting requests, first come first served, while a row is free: the newcomers are
+  prefilled together by the full model in a scratch cache of their own, then copied into
+  free rows right-aligned to end at the current column, and from the next step on they
+  decode with everyone else. A prompt longer than the current column shifts the live
+  columns right; a dead prefix (columns no live row reads any more) wider than the live
+  span is reclaimed by moving the live columns left. The cache grows by doubling up to the
+  context window. A newcomer needs only a free row and a prompt shorter than the context
+  window: nothing is reserved for the tokens it may write.
+
+That is enough because a row's columns are its prompt and output, which never exceed the
+window (its `max_new` sees to that), and the live span is the longest live row. When the
+column reaches the end of the window (an old row has finished, a young one goes on), the
+live columns move back to column 0 and there is room again.
 
 A prefill runs between two decode steps (no chunked prefill), so a long prompt delays the
 running rows by its prefill time. With `refresh_every = K` the full model re-processes the
 last K columns of every row every K steps of the batch: each decoded token is refreshed
 once, within K steps of being written, though not on the same phase as `generate()`.
+
+The event loop only parses and answers: a body over `max_body_bytes` gets a 413 before it is
+read, prompts are templated and tokenized in worker threads, and a text too long for the
+window by its character count alone is refused before it is tokenized (`PromptEncoder`).
+On shutdown, running requests get `SHUTDOWN_DRAIN_S` to finish, then an error event and
+[DONE].
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import operator
 import os
 import queue
 import secrets
@@ -48,11 +61,12 @@ from typing import Any, AsyncIterator, Callable, ClassVar, Literal
 import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from .errors import OverfillError
-from .generate import SamplingParams, TextState, decode_step, default_dtype, encode, pick_device, prefill, refresh, sample
+from .device import default_dtype, pick_device
+from .generate import SamplingParams, TextState, decode_step, encode, prefill, refresh, sample
 from .kv_cache import KVCache
 from .model import positions_from_padding
 from .two_stage import TwoStageModel
@@ -63,6 +77,13 @@ DISCONNECT_POLL_S = 0.25
 """How often a non-streaming request checks whether its client is still there."""
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 """OpenAI's default `max_tokens` for /v1/completions (chat defaults to the rest of the context)."""
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+"""Largest request body: JSON parsing and validation run on the event loop, so this bounds their stall."""
+SHUTDOWN_DRAIN_S = 5.0
+"""On SIGTERM, how long running requests may go on before they are ended with an error event."""
+GRACEFUL_SHUTDOWN_S = 10
+"""How long uvicorn waits for open connections on shutdown (more than the drain, so that streams end cleanly)."""
+SHUTTING_DOWN = "the server is shutting down"
 
 
 # ---------------------------------------------------------------------------- the batch
@@ -109,11 +130,6 @@ class Row:
     def position(self) -> int:
         """Rotary position of `last`."""
         return self.prompt_len + self.generated - 1
-
-    @property
-    def remaining(self) -> int:
-        """Decode steps (columns) it may still need."""
-        return self.state.max_new - self.generated
 
     @property
     def over(self) -> bool:
@@ -183,10 +199,8 @@ class ContinuousBatcher:
                 waiting.popleft()
                 self.fail_job(job, f"a prompt of {len(job.prompt_ids)} tokens does not fit the context window "
                                 f"of {self.window}")
-            elif self._fits(batch + [job]):
-                batch.append(waiting.popleft())
             else:
-                break  # first come, first served: no overtaking
+                batch.append(waiting.popleft())
         if batch:
             self._join(batch)
         return len(batch)
@@ -194,11 +208,6 @@ class ContinuousBatcher:
     def _lo(self) -> int:
         """First column a live row still reads."""
         return min((r.start for r in self.rows), default=self.column)
-
-    def _fits(self, jobs: list[Job]) -> bool:
-        longest = max(len(j.prompt_ids) for j in jobs)
-        remaining = max([r.remaining for r in self.rows] + [self.max_new(j) - 1 for j in jobs])
-        return max(self.column - self._lo(), longest) + remaining <= self.window
 
     @torch.inference_mode()
     def _join(self, jobs: list[Job]) -> None:
@@ -241,7 +250,7 @@ class ContinuousBatcher:
     def _place(self, rows: list[Row], scratch: KVCache, tokens: Tensor, mask: Tensor, picks: list[int]) -> None:
         """Copy the newcomers' prompt K/V into free rows, ending at the current column."""
         T = tokens.shape[1]
-        self._make_room(T, remaining=max(r.remaining for r in self.rows + rows))
+        self._make_room(T)
         n, s = len(self.rows), self.column
         new, idx = slice(n, n + len(rows)), torch.tensor(picks, device=self.device)
         for dst, src in zip(self.cache.k + self.cache.v, scratch.k + scratch.v):
@@ -255,13 +264,12 @@ class ContinuousBatcher:
         self.rows += rows
         self.stats.peak_rows = max(self.stats.peak_rows, len(self.rows))
 
-    def _make_room(self, T: int, remaining: int) -> None:
-        """Arrange the live columns so that a prompt of T tokens ends at the current column and every row,
-        old or new, can still write `remaining` more columns within the context window."""
+    def _make_room(self, T: int) -> None:
+        """Arrange the live columns so that a prompt of T tokens ends at the current column."""
         lo = self._lo()
         width = self.column - lo
         target = lo
-        if T > self.column or lo >= width or self.column + remaining > self.window:
+        if T > self.column or lo >= width:
             target = max(0, T - width)
         self._ensure_capacity(max(self.column, target + width))
         if target != lo:
@@ -297,6 +305,8 @@ class ContinuousBatcher:
     @torch.inference_mode()
     def step(self) -> None:
         """One decode step for every live row; then sample, hand out text and free finished rows."""
+        if self.column == self.window:  # the live span is shorter than the window: start over at column 0
+            self._move(self._lo(), 0)
         n, s = len(self.rows), self.column
         last = torch.tensor([r.last for r in self.rows], device=self.device)  # [n]
         positions = torch.tensor([[r.position] for r in self.rows], device=self.device)  # [n, 1]
@@ -395,6 +405,8 @@ class Scheduler:
         self.inbox: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self.waiting: deque[Job] = deque()
         self._stopping = threading.Event()
+        self.drain_deadline: float | None = None
+        """Set on shutdown: at this `time.monotonic()`, the requests not done yet end with an error."""
         self._thread = threading.Thread(target=self._run, name="overfill-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -403,6 +415,11 @@ class Scheduler:
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
         self._thread.join(timeout)
+
+    def drain(self, seconds: float) -> None:
+        """Let the requests already here finish for up to `seconds`, then end them (and any later one) with an
+        error. The HTTP server stops taking new ones first."""
+        self.drain_deadline = time.monotonic() + seconds
 
     def submit(self, job: Job) -> None:
         self.batcher.stats.requests += 1
@@ -418,6 +435,8 @@ class Scheduler:
             try:
                 self._collect(block=not batcher.rows and not self.waiting)
                 batcher.retire()
+                if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
+                    self._end_all(SHUTTING_DOWN)
                 batcher.admit(self.waiting)
                 if batcher.rows:
                     batcher.step()
@@ -425,9 +444,12 @@ class Scheduler:
                 log.exception("scheduler error")
                 batcher.fail_all(f"internal error: {e}")
         self._collect(block=False)
-        for job in self.waiting:
-            batcher.fail_job(job, "the server is shutting down")
-        batcher.fail_all("the server is shutting down")
+        self._end_all(SHUTTING_DOWN)
+
+    def _end_all(self, message: str) -> None:
+        while self.waiting:
+            self.batcher.fail_job(self.waiting.popleft(), message)
+        self.batcher.fail_all(message)
 
     def _collect(self, block: bool) -> None:
         try:
@@ -451,6 +473,23 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _has_lone_surrogate(data: Any) -> bool:
+    """Whether a string (or key) anywhere in parsed JSON holds a lone surrogate; iterative, for deep nesting."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            stack += item
+    return False
 
 
 class StreamOptions(BaseModel):
@@ -489,6 +528,13 @@ class _GenerationRequest(BaseModel):
                                param=name, code="unsupported_parameter")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        if _has_lone_surrogate(data):  # JSON allows "\ud800"; neither the tokenizer nor a UTF-8 reply can take it
+            raise ValueError("the request holds a lone UTF-16 surrogate, which is not valid Unicode")
+        return data
 
     def stop_strings(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -621,11 +667,78 @@ async def _events_while_connected(events: asyncio.Queue, request: Request) -> As
                 return
 
 
+class PromptEncoder:
+    """Prompt text to token ids, in a worker thread, refusing a text that surely exceeds the context window
+    before tokenizing it.
+
+    One token stands for at most `longest` characters of normalized text: the longest vocabulary
+    entry or added token (for byte-level BPE an entry's length counts bytes, which over-counts
+    characters). So a text of more than `window * longest * shrink` characters has more than
+    `window` tokens, where `shrink` bounds how much the tokenizer's normalizer can shorten a
+    text: 1 for none, 4 for NFC/NFKC (which compose at most 4 code points into one). With a
+    normalizer that can shorten text without bound there is no such limit, and the body-size
+    limit bounds the tokenizer's work instead.
+    """
+
+    SHRINK: ClassVar[dict[str, int]] = {"NFC": 4, "NFKC": 4, "NFD": 1, "NFKD": 1, "Prepend": 1, "Lowercase": 1}
+
+    def __init__(self, tokenizer, window: int):
+        self.tokenizer, self.window = tokenizer, window
+        shrink = self._shrink(json.loads(tokenizer.backend_tokenizer.to_str()).get("normalizer")) \
+            if hasattr(tokenizer, "backend_tokenizer") else None
+        self.max_chars = window * self._longest_token() * shrink if shrink else None
+
+    def _longest_token(self) -> int:
+        added = [len(t.content) for t in self.tokenizer.added_tokens_decoder.values()]
+        return max([len(k) for k in self.tokenizer.get_vocab()] + added)
+
+    @classmethod
+    def _shrink(cls, normalizer: dict | None) -> int | None:
+        """The most the normalizer can shorten a text by (None: no bound)."""
+        if normalizer is None:
+            return 1
+        kind = normalizer.get("type")
+        if kind == "Sequence":
+            factors = [cls._shrink(n) for n in normalizer["normalizers"]]
+            return None if None in factors else functools.reduce(operator.mul, factors, 1)
+        if kind == "Replace" and set(normalizer["pattern"]) == {"String"} and normalizer["content"]:
+            return max(1, -(-len(normalizer["pattern"]["String"]) // len(normalizer["content"])))
+        return cls.SHRINK.get(kind)
+
+    async def chat(self, messages: list[dict]) -> list[int]:
+        return await asyncio.to_thread(self._chat, messages)
+
+    async def text(self, prompt: str) -> list[int]:
+        return await asyncio.to_thread(self._text, prompt)
+
+    def _chat(self, messages: list[dict]) -> list[int]:
+        try:  # the rendered text is what gets tokenized, so the bound holds whatever the template does
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # a template may refuse a conversation (e.g. roles that do not alternate)
+            raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+        self._check_length(text, "messages")
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _text(self, prompt: str) -> list[int]:
+        self._check_length(prompt, "prompt")
+        try:
+            return encode(self.tokenizer, prompt, chat=False)
+        except OverfillError as e:
+            raise APIError(400, str(e), param="prompt") from None
+
+    def _check_length(self, text: str, param: str) -> None:
+        if self.max_chars is not None and len(text) > self.max_chars:
+            raise APIError(400, f"This model's maximum context length is {self.window} tokens, but the prompt has "
+                                f"{len(text)} characters, which is surely more. Please shorten the prompt.",
+                           param=param, code="context_length_exceeded")
+
+
 class OpenAIServer:
     """The endpoints: validation, tokenisation, and turning a job's events into OpenAI responses."""
 
     def __init__(self, model: TwoStageModel, model_name: str, scheduler: Scheduler):
         self.model, self.model_name, self.scheduler = model, model_name, scheduler
+        self.prompts = PromptEncoder(model.tokenizer, model.context_window)
         self.created = int(time.time())
 
     def model_card(self) -> dict:
@@ -647,10 +760,7 @@ class OpenAIServer:
 
     async def chat_completions(self, body: ChatRequest, request: Request):
         self._check(body)
-        try:
-            prompt_ids = encode(self.model.tokenizer, [m.as_template_input() for m in body.messages], chat=True)
-        except OverfillError as e:
-            raise APIError(400, str(e), param="messages") from None
+        prompt_ids = await self.prompts.chat([m.as_template_input() for m in body.messages])
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await self._respond(request, body, prompt_ids, max_tokens, self.model.context_window, chat=True)
 
@@ -662,10 +772,7 @@ class OpenAIServer:
                 raise APIError(400, "one prompt per request is supported (send several requests)", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            try:
-                prompt_ids = encode(self.model.tokenizer, prompt, chat=False)
-            except OverfillError as e:
-                raise APIError(400, str(e), param="prompt") from None
+            prompt_ids = await self.prompts.text(prompt)
         else:
             prompt_ids = self._check_token_ids(prompt)
         return await self._respond(request, body, prompt_ids, body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS,
@@ -682,6 +789,8 @@ class OpenAIServer:
 
     def _check_token_ids(self, ids: list[int]) -> list[int]:
         vocab = self.model.full.args.vocab_size
+        if len(ids) >= self.model.context_window:
+            return ids  # refused by `_params`, without scanning all of them here
         if not ids or any(not 0 <= i < vocab for i in ids):
             raise APIError(400, f"a token-id prompt must be a non-empty list of ids in [0, {vocab})", param="prompt")
         return ids
@@ -743,9 +852,10 @@ class OpenAIServer:
                 yield _sse(reply.chunk(text="", role=True))
             while True:
                 event: Event = await events.get()
-                if event.error:
+                if event.error:  # e.g. shutdown: the client still learns that the stream is over
                     outcome = "error"
                     yield _sse(APIError(500, event.error, type="server_error").body())
+                    yield "data: [DONE]\n\n"
                     return
                 if event.text:
                     reply.saw_text()
@@ -765,7 +875,7 @@ class OpenAIServer:
 # ---------------------------------------------------------------------------- the app
 
 class _Gate:
-    """ASGI middleware: the API key on /v1, and one access-log line per request with its latency."""
+    """ASGI middleware: the API key on everything but /health, and one access-log line per request with its latency."""
 
     def __init__(self, app, api_key: str | None):
         self.app, self.api_key = app, api_key
@@ -781,7 +891,7 @@ class _Gate:
             await send(message)
 
         try:
-            if self.api_key and scope["path"].startswith("/v1") and not self._authorized(scope):
+            if self.api_key and scope["path"] != "/health" and not self._authorized(scope):
                 error = APIError(401, "Invalid or missing API key: send the header 'Authorization: Bearer <key>'",
                                  code="invalid_api_key")
                 await JSONResponse(error.body(), status_code=401)(scope, receive, send_and_note)
@@ -797,6 +907,48 @@ class _Gate:
         return scheme.lower() == "bearer" and secrets.compare_digest(key.strip().encode(), self.api_key.encode())
 
 
+class _BodyLimit:
+    """ASGI middleware: read the request body, refusing one of more than `max_bytes` with a 413, before the app
+    parses it. A declared Content-Length is checked before reading; a chunked body as it arrives. What the
+    client still sends after the 413 is read and dropped by uvicorn, so that it gets to read the answer."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and int(declared) > self.max_bytes:  # the HTTP layer checked it is a number
+            return await self._too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # from here on only http.disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        error = APIError(413, f"The request body is larger than this server's limit of {self.max_bytes} bytes "
+                              f"(--max-body-bytes).", code="request_too_large")
+        await JSONResponse(error.body(), status_code=413)(scope, receive, send)
+
+
 def _validation_error(error: dict) -> APIError:
     loc = [str(p) for p in error["loc"] if p != "body"]
     param = ".".join(loc) or None
@@ -804,7 +956,8 @@ def _validation_error(error: dict) -> APIError:
     if kind == "json_invalid":
         return APIError(400, f"The request body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}")
     if kind == "missing":
-        return APIError(400, f"Missing required parameter: '{param}'", param=param)
+        return APIError(400, f"Missing required parameter: '{param}'" if param else "The request body is empty",
+                        param=param)
     if kind == "extra_forbidden":
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
                         code="unsupported_parameter")
@@ -813,8 +966,11 @@ def _validation_error(error: dict) -> APIError:
 
 
 def create_app(model: TwoStageModel, model_name: str = "overfill", api_key: str | None = None,
-               max_batch: int = 16, refresh_every: int | None = None):
-    """The FastAPI app; its lifespan starts and stops the scheduler thread that owns the model."""
+               max_batch: int = 16, refresh_every: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    """The FastAPI app; its lifespan starts and stops the scheduler thread that owns the model.
+
+    With an API key, the interactive docs are off: a browser cannot send the key, and the
+    schema needs no publishing then."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
@@ -828,9 +984,11 @@ def create_app(model: TwoStageModel, model_name: str = "overfill", api_key: str 
         yield
         await asyncio.to_thread(scheduler.stop)
 
-    app = FastAPI(title="overfill", lifespan=lifespan)
+    docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key else {}
+    app = FastAPI(title="overfill", lifespan=lifespan, **docs)
     app.state.server = server
-    app.add_middleware(_Gate, api_key=api_key)
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(_Gate, api_key=api_key)  # the outermost: no body is read before the key is checked
     app.get("/health")(server.health)
     app.get("/v1/models")(server.list_models)
     app.get("/v1/models/{model}")(server.get_model)
@@ -849,7 +1007,24 @@ def create_app(model: TwoStageModel, model_name: str = "overfill", api_key: str 
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         return await api_error(request, APIError(error.status_code, str(error.detail)))
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:  # a bug: still OpenAI's format
+        return await api_error(request, APIError(500, f"internal error: {type(error).__name__}", type="server_error"))
+
     return app
+
+
+def uvicorn_server(app, drain_s: float = SHUTDOWN_DRAIN_S, **config):
+    """A uvicorn server whose shutdown (SIGTERM, Ctrl-C) first drains the scheduler: running requests may finish
+    for `drain_s`, then end with an error event, so that every stream still ends with [DONE]."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            app.state.server.scheduler.drain(drain_s)
+            await super().shutdown(sockets)
+
+    return Server(uvicorn.Config(app, **config))
 
 
 # ---------------------------------------------------------------------------- `overfill serve`
@@ -865,6 +1040,8 @@ class ServeArgs:
         "help": "require 'Authorization: Bearer KEY' on /v1 (default: $OVERFILL_API_KEY, which keeps the key out "
                 "of the process list; neither: no key)"})
     max_batch: int = field(default=16, metadata={"help": "most requests decoded together"})
+    max_body_bytes: int = field(default=DEFAULT_MAX_BODY_BYTES, metadata={
+        "help": "largest request body in bytes; larger ones get a 413"})
     model_name: str | None = field(default=None, metadata={
         "help": "the name clients pass as 'model' (default: the decoder's, else the full model's name)"})
     refresh_every: int | None = field(default=None, metadata={
@@ -892,21 +1069,21 @@ def default_model_name(full: str, decoder: str | None) -> str:
 
 
 def serve_command(args: ServeArgs) -> None:
-    import uvicorn
-
     if args.max_batch < 1:
         raise OverfillError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.refresh_every is not None and args.refresh_every < 0:
         raise OverfillError("--refresh-every must be >= 0")
+    if args.max_body_bytes < 1:
+        raise OverfillError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
     api_key = args.api_key or os.environ.get("OVERFILL_API_KEY") or None
     sock = listen_socket(args.host, args.port)  # fail before the slow model load
     device = pick_device(args.device)
     model = TwoStageModel.from_refs(args.full, args.decoder, dtype=default_dtype(device), device=device)
     name = args.model_name or default_model_name(args.full, args.decoder)
-    app = create_app(model, name, api_key, args.max_batch, args.refresh_every)
+    app = create_app(model, name, api_key, args.max_batch, args.refresh_every, args.max_body_bytes)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = sock.getsockname()[:2]
     log.info("serving '%s' on http://%s:%d/v1 (max batch %d, %s, API key %s)", name, host, port, args.max_batch,
              "two-stage" if model.is_two_stage else "full model alone", "required" if api_key else "off")
-    config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=10)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn_server(app, log_level="info", access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    server.run(sockets=[sock])

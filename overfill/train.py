@@ -2,16 +2,22 @@
 
 `overfill` mode trains the decoder as it will run: the frozen full model prefills the prompt
 and predicts the first response token; the decoder writes the rest of the response reading
-the full model's keys and values at the prompt positions (`two_stage.split_logits`). `pruned`
+the full model's keys and values at the prompt positions (`losses.overfill_losses`). `pruned`
 mode trains the decoder alone on prompt + response (completion-only SFT, the paper's
 baseline). Both see the same examples in the same order for the same seed and budget, and
-both take the loss on the response tokens only:
+both take the loss on the response tokens only (`losses.py` computes it the way inference
+runs: the full model prefills, the decoder reads its prompt cache over the response tokens):
 
     loss = sum of cross-entropy over the step's response tokens / their number
          + kd_weight * the same mean of KL(full || decoder)
 
 normalised by the response tokens of the whole optimizer step (all micro-batches, all
 processes), so gradient accumulation and data parallelism change nothing but float rounding.
+
+Precision (`--precision`, see `device.py`): under bf16 the decoder keeps fp32 master weights
+and optimizer state and computes under bf16 autocast, the frozen full model is stored in bf16,
+and the loss is computed in fp32. Batches are grouped by length within windows of the seeded
+order (`length_groups`), the same for both modes; the padding fraction is logged.
 
 Scale-out is HuggingFace `accelerate`: the same code runs alone or under
 `accelerate launch` / `torchrun` (DDP or FSDP). Only the main process writes files, except
@@ -42,20 +48,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .device import PRECISIONS, resolve_precision
 from .errors import OverfillError
-from .model import Transformer, causal_mask, positions_from_padding
-from .two_stage import TwoStageModel, split_logits
+from .losses import response_losses
+from .model import Transformer
+from .two_stage import TwoStageModel
 
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 STATE_FILE = "trainer_state.json"
 CHECKPOINTS = "checkpoints"
+SNAPSHOTS = "snapshots"
 DEFAULT_STEPS = 1000
-KD_CHUNK = 1024  # response tokens whose teacher logits `[chunk, V]` exist at once
 # What --resume may change: none of these alter the loss curve.
-RESUMABLE = {"out", "resume", "checkpoint_every", "keep", "eval_every", "val_examples", "grad_checkpointing"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RESUMABLE = {"out", "resume", "checkpoint_every", "keep", "eval_every", "val_examples", "grad_checkpointing",
+             "snapshots"}
 
 
 @dataclass
@@ -95,16 +103,23 @@ class TrainConfig:
         "help": "validation loss every N steps, at the start and at the end (0: never)"})
     val_examples: int = field(default=200, metadata={"help": "validation examples"})
     seed: int = field(default=0, metadata={"help": "seed of the data order"})
+    snapshots: list[int] | None = field(default=None, metadata={
+        "help": "token budgets at which to also save the model (snapshots/tokens-N/): the points of a budget "
+                "sweep from one run"})
     grad_checkpointing: bool = field(default=False, metadata={
         "help": "recompute the decoder's activations in the backward pass (less memory, ~30%% slower)"})
-    full_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "dtype of the frozen full model; auto: bfloat16 on GPU, float32 on CPU"})
+    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
+        "help": "bf16: autocast over fp32 master weights, full model stored in bf16; auto: bf16 where the "
+                "device has native bf16 matrix units (CUDA, AMX or AVX512-BF16 CPUs), else fp32"})
+    length_window: int = field(default=64, metadata={
+        "help": "group examples of similar lengths into steps within windows of this many steps of the seeded "
+                "order (0: no grouping); less padding, the same plan in both modes"})
 
     def __post_init__(self) -> None:
         if self.mode not in ("overfill", "pruned"):
             raise OverfillError(f"mode must be 'overfill' or 'pruned', got '{self.mode}'")
-        if self.full_dtype not in ("auto", *DTYPES):
-            raise OverfillError(f"full_dtype must be auto or one of {', '.join(DTYPES)}, got '{self.full_dtype}'")
+        if self.precision not in PRECISIONS:
+            raise OverfillError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         if self.steps is not None and self.tokens is not None:
             raise OverfillError("give --steps or --tokens, not both")
         if self.steps is None and self.tokens is None:
@@ -113,9 +128,11 @@ class TrainConfig:
                     "grad_accum": self.grad_accum, "keep": self.keep, "val_examples": self.val_examples}
         at_least_zero = {"kd_weight": self.kd_weight, "warmup": self.warmup, "grad_clip": self.grad_clip,
                          "weight_decay": self.weight_decay, "checkpoint_every": self.checkpoint_every,
-                         "eval_every": self.eval_every}
+                         "eval_every": self.eval_every, "length_window": self.length_window}
         bad = [f"{k} must be positive (got {v})" for k, v in positive.items() if v < 1]
-        bad += [f"{k} must be >= 0 (got {v})" for k, v in at_least_zero.items() if v < 0]
+        bad += [f"{k} must be >= 0 (got {v})" for k, v in at_least_zero.items() if not v >= 0]  # NaN too
+        if any(n < 1 for n in self.snapshots or []):
+            bad.append(f"snapshots must be positive token counts (got {self.snapshots})")
         if not self.lr > 0:
             bad.append(f"lr must be positive (got {self.lr})")
         if not 0 < self.prompt_budget < self.max_len:
@@ -160,52 +177,6 @@ def train_command(args: TrainArgs) -> None:
     train(args)
 
 
-# ---------------------------------------------------------------------------- losses
-
-def response_losses(full: Transformer | None, decoder: torch.nn.Module, batch: dict[str, Tensor], mode: str,
-                    layer_map: list[int] | None = None, kd: bool = False) -> tuple[Tensor, Tensor]:
-    """Per-example sums over the response tokens: cross-entropy `[B]` and KL(full || decoder) `[B]`.
-
-    batch: `collate` output. overfill: two-stage logits, the full model's at prompt positions (its
-    prefill predicts the first response token, with no gradient, as at inference), the decoder's
-    after. pruned: the decoder alone on the whole sequence. The KD teacher is the full model's
-    next-token distribution given the whole sequence (zeros when kd is False).
-    """
-    tokens, attention_mask, loss_mask = batch["tokens"], batch["attention_mask"], batch["loss_mask"]
-    if mode == "overfill":
-        logits, full_hidden = split_logits(full, decoder, tokens, attention_mask, batch["prompt_mask"], layer_map)
-    else:
-        positions = positions_from_padding(attention_mask)  # [B, T]
-        mask = causal_mask(attention_mask, torch.arange(tokens.shape[1], device=tokens.device))  # [B, 1, T, T]
-        logits = decoder(tokens, positions, mask)  # [B, T, V]
-        full_hidden = None
-        if kd:
-            with torch.no_grad():
-                full_hidden = full.hidden(tokens, positions, mask)  # [B, T, D_full]
-    student = logits[loss_mask].float()  # [N, V]
-    ce = F.cross_entropy(student, batch["targets"][loss_mask], reduction="none")  # [N]
-    kl = kl_per_token(student, full_hidden[loss_mask], full.lm_head) if kd else torch.zeros_like(ce)
-    rows = loss_mask.nonzero()[:, 0]  # [N] the example of each response token
-    zeros = torch.zeros(tokens.shape[0], device=ce.device)
-    return zeros.index_add(0, rows, ce), zeros.index_add(0, rows, kl)
-
-
-def kl_per_token(student_logits: Tensor, teacher_hidden: Tensor, lm_head: torch.nn.Module,
-                 chunk: int = KD_CHUNK) -> Tensor:
-    """KL(teacher || student) per token `[N]`; the teacher's logits are made `chunk` tokens at a time.
-
-    student_logits `[N, V]` (with gradient), teacher_hidden `[N, D]`: final-norm hidden states of
-    the full model, whose vocabulary-sized logits never exist all at once.
-    """
-    parts = []
-    for start in range(0, student_logits.shape[0], chunk):
-        with torch.no_grad():
-            teacher = lm_head(teacher_hidden[start:start + chunk]).float().log_softmax(-1)  # [n, V]
-        student = student_logits[start:start + chunk].log_softmax(-1)  # [n, V]
-        parts.append(F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1))
-    return torch.cat(parts) if parts else student_logits.new_zeros(0)
-
-
 # ---------------------------------------------------------------------------- data order
 
 def epoch_order(n: int, seed: int) -> Iterator[int]:
@@ -236,6 +207,44 @@ def batch_plan(lengths: list[int], per_step: int, seed: int, steps: int | None =
     return plan
 
 
+def length_groups(plan: list[int], keys: list[tuple], per_step: int, window: int, seed: int) -> list[int]:
+    """The plan with each window of `window` steps regrouped by length, the same examples per window.
+
+    Within a window, examples are sorted by `keys` (by prompt, then response length: both parts
+    of a batch are padded) and cut into steps of `per_step` (the global batch), whose order is
+    then shuffled with `seed`; a step's micro-batches are consecutive runs of it. A function of
+    the plan, the lengths and the global batch only, so both modes see the same batches in the
+    same order, and any split of a step into processes and micro-batches trains on the same
+    examples. window 0 keeps the plan as it is.
+    """
+    if window <= 0:
+        return plan
+    rng, span, grouped = random.Random(seed + 1), window * per_step, []
+    for start in range(0, len(plan), span):
+        chunk = sorted(plan[start:start + span], key=lambda i: keys[i])
+        steps = [chunk[i:i + per_step] for i in range(0, len(chunk), per_step)]
+        rng.shuffle(steps)
+        grouped += [i for step in steps for i in step]
+    return grouped
+
+
+def plan_fingerprint(examples) -> str:
+    """SHA-1 of the planned examples' ids and tokens, in order: what a resumed run must find again."""
+    import hashlib
+    from array import array
+
+    digest = hashlib.sha1()
+    for e in examples:
+        digest.update(f"{e.uid}:{len(e.prompt_ids)}:".encode())
+        digest.update(array("q", e.prompt_ids + e.response_ids).tobytes())
+    return digest.hexdigest()
+
+
+def length_key(example, bucket: int = 64) -> tuple[int, int]:
+    """Sort key of `length_groups`: prompt length in buckets of `bucket`, then response length."""
+    return len(example.prompt_ids) // bucket, len(example.response_ids)
+
+
 # ---------------------------------------------------------------------------- output directory
 
 def check_resumable(cfg: TrainConfig, out: Path) -> None:
@@ -252,10 +261,25 @@ def check_out_dir(cfg: TrainConfig) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise OverfillError(f"--out '{out}' is a file")
+    check_not_an_input(out, {"--full": cfg.full, "--decoder": cfg.decoder})
+    holds_a_run = (out / CONFIG_FILE).is_file()
+    if out.is_dir() and any(out.iterdir()) and not holds_a_run:
+        hint = " (it holds no training run to resume)" if cfg.resume else ""
+        raise OverfillError(f"'{out}' is not empty{hint}: choose a new --out")
     if cfg.resume:
         check_resumable(cfg, out)
-    elif out.is_dir() and any(out.iterdir()):
-        raise OverfillError(f"'{out}' is not empty: pass --resume to continue the run it holds, or choose a new --out")
+    elif holds_a_run:
+        raise OverfillError(f"'{out}' holds a training run: pass --resume to continue it, or choose a new --out")
+
+
+def check_not_an_input(out: Path, inputs: dict[str, str]) -> None:
+    """Refuse an output directory that is, or lies inside, a model directory given as an input."""
+    target = out.resolve()
+    for flag, ref in inputs.items():
+        source = Path(ref)
+        if source.is_dir() and (target == source.resolve() or source.resolve() in target.parents):
+            raise OverfillError(f"--out '{out}' is inside the {flag} model directory '{ref}': it would be "
+                                f"overwritten; choose another --out")
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
@@ -285,6 +309,10 @@ def clean_temporaries(out: Path) -> None:
         for path in root.iterdir():
             if path.name.startswith((".tmp-", ".trash-")):
                 shutil.rmtree(path)
+    root = out / SNAPSHOTS
+    if root.is_dir():
+        for path in root.glob(".tmp-*"):
+            shutil.rmtree(path)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -302,12 +330,6 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 # ---------------------------------------------------------------------------- the run
 
-def full_model_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return DTYPES[name]
-
-
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin
@@ -316,7 +338,8 @@ def make_accelerator(cfg: TrainConfig):
     return Accelerator(
         # the loop gathers each step's micro-batches first, so the end of the data is no step boundary
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.grad_accum, sync_with_dataloader=False),
-        mixed_precision="bf16" if cuda else "no",
+        # autocast is ours (`Trainer.autocast`): accelerate's precision is process-global and fixed at first use
+        mixed_precision="no",
         cpu=not cuda,  # lets plain torchrun on a CPU machine run several gloo processes
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps
     )
@@ -334,16 +357,24 @@ class Trainer:
 
         self.cfg, self.out = cfg, Path(cfg.out)
         check_out_dir(cfg)
+        self.precision = resolve_precision(cfg.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         self.accelerator = make_accelerator(cfg)
         set_seed(cfg.seed)
         self.load_models()
         self.load_data()
         self.build_optimizer()
-        self.start_step, self.state = 0, {"step": 0, "tokens": 0, "response_tokens": 0, "train_seconds": 0.0}
+        self.start_step, self.state = 0, {"step": 0, "tokens": 0, "response_tokens": 0, "train_seconds": 0.0,
+                                          "slots": 0, "precision": self.precision.name,
+                                          "plan_fingerprint": self.plan_fingerprint}
         checkpoint = latest_checkpoint(self.out) if cfg.resume else None
         if checkpoint is not None:
             self.restore(checkpoint)
         self.accelerator.wait_for_everyone()  # every process has checked --out before the main one writes there
+
+    def autocast(self):
+        """bf16 autocast over the fp32 decoder where the precision is bf16; a no-op in fp32."""
+        bf16 = self.precision.name == "bf16"
+        return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     @property
     def is_main(self) -> bool:
@@ -359,7 +390,7 @@ class Trainer:
             pair = TwoStageModel.from_refs(cfg.full, cfg.decoder, dtype=torch.float32)  # checks the KV cache fits
             full, decoder, self.tokenizer, self.pair_config = pair.full, pair.decoder, pair.tokenizer, pair.config
             full.requires_grad_(False)
-            self.full = full.to(device=device, dtype=full_model_dtype(cfg.full_dtype)).eval()
+            self.full = full.to(device=device, dtype=self.precision.dtype).eval()
         else:
             decoder = load_model(self.decoder_dir, dtype=torch.float32)  # the baseline needs no full model
             self.tokenizer, self.full, self.pair_config = load_tokenizer(cfg.full), None, None
@@ -372,7 +403,7 @@ class Trainer:
         self.decoder = decoder.to(device).train()
 
     def load_data(self) -> None:
-        from .data import collate, load_examples
+        from .data import collate_split, load_examples
 
         cfg, world = self.cfg, self.accelerator.num_processes
         per_step = cfg.batch_size * cfg.grad_accum * world
@@ -388,10 +419,13 @@ class Trainer:
                 raise OverfillError(f"{e}; pass --eval-every 0 to train without a validation loss") from None
         lengths = [len(e.prompt_ids) + len(e.response_ids) for e in self.train_examples]
         plan = batch_plan(lengths, per_step, cfg.seed, cfg.steps if cfg.tokens is None else None, cfg.tokens)
+        keys = [length_key(e) for e in self.train_examples]
+        plan = length_groups(plan, keys, per_step, cfg.length_window, cfg.seed)
         self.steps = len(plan) // per_step
         self.planned_tokens = sum(lengths[i] for i in plan)
+        self.plan_fingerprint = plan_fingerprint([self.train_examples[i] for i in plan])
         batches = partial(torch.utils.data.DataLoader, batch_size=cfg.batch_size,
-                          collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id))
+                          collate_fn=partial(collate_split, pad_id=self.tokenizer.pad_token_id))
         self.train_loader = batches([self.train_examples[i] for i in plan])  # already in training order
         self.val_loader = batches(self.val_examples) if self.val_examples else None
 
@@ -412,7 +446,16 @@ class Trainer:
     def restore(self, checkpoint: Path) -> None:
         self.accelerator.load_state(str(checkpoint))
         self.state = json.loads((checkpoint / STATE_FILE).read_text())
+        saved = self.state.get("plan_fingerprint")
+        if saved is not None and saved != self.plan_fingerprint:
+            raise OverfillError(f"the training data of the run in '{self.out}' changed since it started (its batches "
+                                f"are not the ones it trained on): restore the data, or start a new --out")
+        self.state.setdefault("plan_fingerprint", self.plan_fingerprint)
         self.start_step = self.state["step"]
+        saved = self.state.get("precision")
+        if saved is not None and saved != self.precision.name:
+            self.accelerator.print(f"warning: this run trained in {saved} and resumes in {self.precision.name} "
+                                   f"({self.precision.reason}); pass --precision {saved} to keep it")
         done = self.start_step * self.cfg.grad_accum  # micro-batches of this process already trained on
         self.train_loader = self.accelerator.skip_first_batches(self.train_loader, done)
         self.accelerator.print(f"resuming from {checkpoint} (step {self.start_step} of {self.steps})")
@@ -442,8 +485,10 @@ class Trainer:
             if cfg.eval_every and self.val_loader is not None and (step % cfg.eval_every == 0 or step == self.steps):
                 record["val_loss"] = self.validate()
             self.log(record)
+            self.save_snapshots(record)
             bar.update()
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            pad=f"{record['padding']:.2f}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < self.steps:
                 self.save_checkpoint(step)
         bar.close()
@@ -454,36 +499,40 @@ class Trainer:
         """One optimizer step over this process's micro-batches; metrics over all processes."""
         cfg, acc = self.cfg, self.accelerator
         started = time.perf_counter()
-        local_tokens = sum(b["loss_mask"].sum() for b in micro_batches)
+        local_tokens = sum(b["response_valid"].sum() for b in micro_batches)
         response_tokens = acc.reduce(local_tokens.float(), "sum")
         # accelerate divides by grad_accum, DDP/FSDP average over processes: undo both so the gradient
         # is that of the mean over the whole step's response tokens
         scale = acc.num_processes * cfg.grad_accum / response_tokens
-        totals = torch.zeros(3, device=acc.device)  # ce sum, kl sum, tokens read
+        totals = torch.zeros(4, device=acc.device)  # ce sum, kl sum, tokens read, slots (tokens + padding)
         for batch in micro_batches:
             with acc.accumulate(self.decoder):
-                with acc.autocast():
+                with self.autocast():
                     ce, kl = response_losses(self.full, self.decoder, batch, cfg.mode, self.layer_map,
                                              kd=cfg.kd_weight > 0)
                 acc.backward((ce.sum() + cfg.kd_weight * kl.sum()) * scale)
-            totals += torch.stack([ce.sum().detach(), kl.sum().detach(), batch["attention_mask"].sum().float()])
+            real = batch["prompt_valid"].sum() + batch["response_valid"].sum()
+            slots = batch["prompt_valid"].numel() + batch["response_valid"].numel()
+            totals += torch.stack([ce.sum().detach(), kl.sum().detach(), real.float(), real.new_tensor(slots).float()])
         grad_norm = acc.clip_grad_norm_(self.decoder.parameters(), cfg.grad_clip or float("inf"))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        ce_sum, kl_sum, tokens = acc.reduce(totals, "sum").tolist()
+        ce_sum, kl_sum, tokens, slots = acc.reduce(totals, "sum").tolist()
         n = response_tokens.item()
         seconds = time.perf_counter() - started
         self.state["step"] += 1
         self.state["tokens"] += int(tokens)
+        self.state["slots"] = self.state.get("slots", 0) + int(slots)
         self.state["response_tokens"] += int(n)
         self.state["train_seconds"] += seconds
         record = {"loss": (ce_sum + cfg.kd_weight * kl_sum) / n, "ce": ce_sum / n}
         if cfg.kd_weight:
             record["kl"] = kl_sum / n
         return record | {"lr": lr, "grad_norm": float(grad_norm), "tokens": self.state["tokens"],
-                         "tokens_per_s": tokens / seconds}
+                         "tokens_per_s": tokens / seconds, "padding": 1 - tokens / slots,
+                         "precision": self.precision.name}
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -492,10 +541,10 @@ class Trainer:
         self.decoder.eval()
         ce_sums, counts = [], []
         for batch in self.val_loader:
-            with acc.autocast():
+            with self.autocast():
                 ce, _ = response_losses(self.full, self.decoder, batch, self.cfg.mode, self.layer_map)
             ce_sums.append(acc.gather_for_metrics(ce))  # [B * processes], padding examples dropped
-            counts.append(acc.gather_for_metrics(batch["loss_mask"].sum(1)))
+            counts.append(acc.gather_for_metrics(batch["response_valid"].sum(1)))
         self.decoder.train()
         return (torch.cat(ce_sums).sum() / torch.cat(counts).sum()).item()
 
@@ -515,7 +564,7 @@ class Trainer:
         acc.print(f"{cfg.mode}: {len(self.train_examples)} training examples, {len(self.val_examples)} validation; "
                   f"{self.steps} steps of {per_step} examples, {self.planned_tokens:,} tokens; "
                   f"{acc.num_processes} process(es) on {acc.device}; decoder {self.decoder_args.num_params():,} "
-                  f"parameters")
+                  f"parameters; precision {self.precision.name} ({self.precision.reason})")
 
     # ------------------------------------------------------------------------ checkpoints and output
 
@@ -549,12 +598,7 @@ class Trainer:
         if not self.is_main:
             acc.wait_for_everyone()
             return
-        decoder = from_state_dict(self.decoder_args, state)
-        if cfg.mode == "overfill":
-            self.save_overfill(decoder)
-        else:
-            save_model(decoder, self.out, config_from=self.decoder_dir)
-            (self.out / "overfill.json").unlink(missing_ok=True)  # a plain HF directory, even from an OverFill one
+        self.write_model(from_state_dict(self.decoder_args, state), self.out)
         (self.out / CONFIG_FILE).write_text(cfg.to_json())
         summary = {
             "mode": cfg.mode, "steps": self.state["step"], "tokens": self.state["tokens"],
@@ -562,17 +606,47 @@ class Trainer:
             "tokens_per_s": self.state["tokens"] / max(self.state["train_seconds"], 1e-9),
             "train_seconds": self.state["train_seconds"], "wall_seconds": wall_seconds,
             "final_loss": last.get("loss"), "final_val_loss": val_loss,
-            "processes": acc.num_processes, "device": str(acc.device),
+            "processes": acc.num_processes, "device": str(acc.device), **self.precision.as_dict(),
+            "padding": 1 - self.state["tokens"] / max(self.state.get("slots", 0), 1),
         }
         (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         print(f"trained {cfg.mode} decoder -> {self.out}: {summary['steps']} steps, {summary['tokens']:,} tokens, "
-              f"{summary['tokens_per_s']:.0f} tokens/s, final loss {summary['final_loss']}, "
+              f"{summary['tokens_per_s']:.0f} tokens/s ({summary['precision']}, padding {summary['padding']:.1%}), "
+              f"final loss {summary['final_loss']}, "
               f"val loss {val_loss}, {wall_seconds:.0f} s")
         acc.wait_for_everyone()
 
-    def save_overfill(self, decoder: Transformer) -> None:
+    def write_model(self, decoder: Transformer, out: Path) -> None:
+        """An OverFill directory (overfill mode) or a plain HF directory (pruned mode)."""
+        from .model import save_model
+
+        if self.cfg.mode == "pruned":
+            save_model(decoder, out, config_from=self.decoder_dir)
+            (out / "overfill.json").unlink(missing_ok=True)  # a plain HF directory, even from an OverFill one
+            return
         config = self.pair_config
         config.full = self.cfg.full
         config.extra = {**config.extra, "training": asdict(self.cfg), "decoder_source": str(self.decoder_dir)}
         pair = TwoStageModel(self.full, decoder, self.tokenizer, config)
-        pair.save_pretrained(self.out, decoder_config_from=self.decoder_dir)
+        pair.save_pretrained(out, decoder_config_from=self.decoder_dir)
+
+    def save_snapshots(self, record: dict) -> None:
+        """The model at each --snapshots budget the run has just reached: snapshots/tokens-N/ (+ state.json)."""
+        from .model import from_state_dict
+
+        due = [n for n in self.cfg.snapshots or [] if self.state["tokens"] >= n
+               and not (self.out / SNAPSHOTS / f"tokens-{n}").is_dir()]
+        if not due:
+            return
+        state = self.accelerator.get_state_dict(self.decoder)
+        if self.is_main:
+            decoder = from_state_dict(self.decoder_args, state)
+            for n in due:
+                final, tmp = self.out / SNAPSHOTS / f"tokens-{n}", self.out / SNAPSHOTS / f".tmp-tokens-{n}"
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                self.write_model(decoder, tmp)
+                (tmp / "snapshot.json").write_text(json.dumps({**self.state, **record, "budget": n}, indent=2))
+                os.replace(tmp, final)
+                self.accelerator.print(f"snapshot at {self.state['tokens']:,} tokens (budget {n:,}) -> {final}")
+        self.accelerator.wait_for_everyone()

@@ -69,3 +69,43 @@ def test_build_runs_every_stage_and_resumes(tiny_full, tmp_path, monkeypatch):
 
     with pytest.raises(OverfillError, match="other settings"):
         build(tiny_build(tiny_full, run, steps=4))
+
+
+def test_build_with_a_token_budget_through_the_cli(tiny_full, tmp_path):
+    """The command of docs/RESULTS.md's form: --tokens with no --steps, --limit none."""
+    from overfill.cli import main
+
+    from overfill.data import in_validation
+
+    # A small chat file: a token budget reads the whole source (all of ShareGPT would take minutes).
+    ids = [i for i in range(5000) if in_validation(f"c{i}", 0.01)][:3] + list(range(40))
+    chats = [{"id": f"c{i}", "messages": [{"role": "user", "content": f"Tell me about the number {i}."},
+                                         {"role": "assistant", "content": f"The number {i} " + "is a number. " * 8}]}
+             for i in ids]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    out = tmp_path / "run"
+    argv = ["build", "--full", str(tiny_full), "--out", str(out), "--data", str(data), "--hidden", "0.5",
+            "--intermediate", "0.5",
+            "--calibration-samples", "4", "--calibration-seq-len", "64", "--tokens", "600", "--batch-size", "2",
+            "--max-len", "128", "--warmup", "1", "--tasks", "arc_easy", "--limit", "2", "--chat-examples", "2",
+            "--bench-prompt-len", "16", "--bench-new-tokens", "4", "--device", "cpu"]
+    assert main(argv) == 0
+    summaries = [json.loads((out / trained / "summary.json").read_text()) for trained in ("overfill", "baseline")]
+    assert all(s["tokens"] >= 600 for s in summaries) and summaries[0]["tokens"] == summaries[1]["tokens"]
+    assert main(argv[:argv.index("--tokens")] + ["--tokens", "600", "--steps", "3"]) == 2  # both: refused
+
+
+def test_optional_flags_can_be_unset():
+    from overfill.build import BuildConfig
+    from overfill.cli import add_dataclass_arguments
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, BuildConfig)
+    assert parser.parse_args([]).limit == 50
+    assert parser.parse_args(["--limit", "none"]).limit is None
+    assert parser.parse_args(["--limit", "null"]).limit is None
+    assert parser.parse_args(["--limit", "7"]).limit == 7
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--limit", "seven"])

@@ -168,7 +168,7 @@ def test_smollm2_answers_sensibly_and_streams_the_same_text(smollm2_dir):
 
 
 def test_asking_for_a_missing_gpu_is_a_clear_error():
-    from overfill.generate import pick_device
+    from overfill.device import pick_device
 
     assert pick_device("cpu").type == "cpu"
     if not torch.cuda.is_available():

@@ -108,3 +108,30 @@ def test_smollm2_matches_transformers(smollm2_dir):
         ref = hf(input_ids=tokens).logits
         got = model(tokens, positions_from_padding(mask), full_mask(mask))
     assert_close(got, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_bf16_training_attention_equals_sdpa_forward_and_backward():
+    """The plain bf16 formulation used in CPU training against SDPA in fp32, on a padded causal mask."""
+    import torch.nn.functional as F
+
+    from overfill.model import attention, causal_mask
+
+    torch.manual_seed(0)
+    B, H, H_kv, T, P, D = 3, 4, 2, 5, 4, 16
+    q = torch.randn(B, H, T, D, requires_grad=True)
+    k, v = (torch.randn(B, H_kv, P + T, D, requires_grad=True) for _ in range(2))
+    valid = torch.ones(B, P + T, dtype=torch.bool)
+    valid[1, :2] = False  # left padding of a prompt
+    valid[2, -1] = False  # right padding of a response
+    mask = causal_mask(valid, torch.arange(P, P + T))
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    fast = attention(*(x.detach().bfloat16().requires_grad_() for x in (q, k, v)), mask)
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), reference, atol=3e-2, rtol=3e-2)
+    grads = torch.autograd.grad(reference.sum(), (q, k, v))
+    inputs = [x.detach().bfloat16().requires_grad_() for x in (q, k, v)]
+    fast_grads = torch.autograd.grad(attention(*inputs, mask).float().sum(), inputs)
+    for g, f in zip(grads, fast_grads):
+        torch.testing.assert_close(f.float(), g, atol=6e-2, rtol=6e-2)
+    with torch.no_grad():  # inference keeps SDPA
+        torch.testing.assert_close(attention(q, k, v, mask), reference.detach())

@@ -16,7 +16,7 @@ from overfill.two_stage import TwoStageModel, check_compatible
 
 ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3"]
 TEXTS = [f"Sample {i}: the quick brown fox jumps over the lazy dog, {i * 7} times!" * (1 + i % 3) for i in range(10)]
-EXACT = PruneConfig(compute_dtype="float32", multiple=8)  # tiny widths: a small multiple
+EXACT = PruneConfig(precision="fp32", multiple=8)  # tiny widths: a small multiple
 
 
 def tiny_tokenizer():
@@ -179,7 +179,7 @@ def test_pruning_every_dimension_equals_zeroing_what_is_removed(arch):
     dead = torch.randperm(64, generator=torch.Generator().manual_seed(1))[:16]
     full = with_dead_channels(wide_model(arch, rms_norm_eps=1e-12, tie_word_embeddings=arch == "qwen3"), dead)
     pruned = copy.deepcopy(full)
-    cfg = PruneConfig(hidden=48, intermediate=0.5, heads=0.5, depth=0.25, multiple=8, compute_dtype="float32")
+    cfg = PruneConfig(hidden=48, intermediate=0.5, heads=0.5, depth=0.25, multiple=8, precision="fp32")
     record = prune_model(pruned, tiny_tokenizer(), cfg, TEXTS)
     assert sorted(set(range(64)) - set(record.kept["hidden"])) == sorted(dead.tolist())
     assert record.pruned["num_attention_heads"] == 4 and record.pruned["num_hidden_layers"] == 3
@@ -193,7 +193,7 @@ def test_pruned_model_loads_with_plain_transformers_and_two_stage(tmp_path, arch
     full = wide_model(arch, tie_word_embeddings=arch in ("qwen2", "qwen3"))
     full_dir = model_dir(tmp_path, full)
     in_memory = copy.deepcopy(full)
-    cfg = PruneConfig(hidden=0.5, intermediate=0.5, heads=0.5, depth=3, multiple=8, compute_dtype="float32")
+    cfg = PruneConfig(hidden=0.5, intermediate=0.5, heads=0.5, depth=3, multiple=8, precision="fp32")
     expected = prune_model(in_memory, load_tokenizer(full_dir), cfg, TEXTS)  # as prune() tokenizes
     record = prune(full_dir, cfg, tmp_path / "out", texts=TEXTS)
 
@@ -250,7 +250,7 @@ def test_planted_hidden_channels():
         for norm in norms:
             norm.weight[strong] *= 10
             norm.weight[dead] = 0
-    record = prune_model(model, tiny_tokenizer(), PruneConfig(hidden=48, multiple=8, compute_dtype="float32"), TEXTS)
+    record = prune_model(model, tiny_tokenizer(), PruneConfig(hidden=48, multiple=8, precision="fp32"), TEXTS)
     assert strong in record.kept["hidden"] and dead not in record.kept["hidden"]
 
 
@@ -263,7 +263,7 @@ def test_planted_mlp_neurons(arch):
         mlp.gate_proj.weight[strong] *= 10
         mlp.up_proj.weight[strong] = mlp.gate_proj.weight[strong]  # silu(z) * z > 0: a large positive activation
         mlp.up_proj.weight[dead] = 0
-    record = prune_model(model, tiny_tokenizer(), PruneConfig(intermediate=0.75, multiple=8, compute_dtype="float32"), TEXTS)
+    record = prune_model(model, tiny_tokenizer(), PruneConfig(intermediate=0.75, multiple=8, precision="fp32"), TEXTS)
     assert strong in record.kept["intermediate"][0] and dead not in record.kept["intermediate"][0]
 
 
@@ -282,7 +282,7 @@ def test_planted_attention_heads():
         q[strong] = 50 * attn.k_proj.weight.view(2, head_dim, -1)[0]  # q = 50 k: attends to its own token
         q[dead] = 0  # uniform attention
     texts = ["ab" * (8 + i) for i in range(8)]
-    record = prune_model(model, tokenizer, PruneConfig(heads=0.5, compute_dtype="float32"), texts)
+    record = prune_model(model, tokenizer, PruneConfig(heads=0.5, precision="fp32"), texts)
     heads = record.kept["heads"][0]
     assert len(heads) == 4 and sum(h < 4 for h in heads) == 2  # two per KV group
     assert strong in heads and dead not in heads
@@ -295,7 +295,7 @@ def test_cosine_depth_pruning_drops_the_block_that_changes_nothing(tmp_path):
     with torch.no_grad():  # block 2 becomes the identity: cosine(input, output) = 1
         model.model.layers[2].self_attn.o_proj.weight.zero_()
         model.model.layers[2].mlp.down_proj.weight.zero_()
-    record = prune(model_dir(tmp_path, model), PruneConfig(depth=3, compute_dtype="float32"), tmp_path / "out",
+    record = prune(model_dir(tmp_path, model), PruneConfig(depth=3, precision="fp32"), tmp_path / "out",
                    texts=TEXTS)
     assert record.layer_map == [0, 1, 3] and record.importance["block_importance"][2] == pytest.approx(0, abs=1e-6)
     assert json.loads((tmp_path / "out" / RECORD_FILE).read_text())["layer_map"] == [0, 1, 3]

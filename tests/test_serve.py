@@ -18,7 +18,7 @@ import pytest
 
 from overfill.errors import OverfillError
 from overfill.generate import SamplingParams, encode, stream_batch
-from overfill.serve import ContinuousBatcher, Job, ServeArgs, create_app, listen_socket, serve_command
+from overfill.serve import ContinuousBatcher, Job, ServeArgs, create_app, listen_socket, serve_command, uvicorn_server
 from overfill.two_stage import TwoStageModel
 from conftest import tiny_hf_model
 
@@ -27,14 +27,13 @@ WINDOW = 2048
 TIMEOUT = 30
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def tiny_pair(tmp_path_factory, window=WINDOW):
     """A tiny random full model and a narrower decoder that reads its cache, with a real chat tokenizer."""
     from overfill.hub import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     shape = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=8, max_position_embeddings=WINDOW, bos_token_id=1,
+                 num_key_value_heads=2, head_dim=8, max_position_embeddings=window, bos_token_id=1,
                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     dirs = []
     for name, seed, width in (("full", 0, {}), ("decoder", 1, dict(hidden_size=16, intermediate_size=32))):
@@ -43,8 +42,13 @@ def model(tmp_path_factory):
         tokenizer.save_pretrained(out)
         dirs.append(out)
     pair = TwoStageModel.from_refs(*dirs)
-    assert pair.is_two_stage
+    assert pair.is_two_stage and pair.context_window == window
     return pair
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_pair(tmp_path_factory)
 
 
 def alone(model, prompt_ids, params, refresh_every=0):
@@ -165,12 +169,15 @@ def test_a_sink_that_raises_cancels_only_its_row(model):
 # ---------------------------------------------------------------------------- over HTTP
 
 @contextmanager
-def serving(app):
-    """Run the app with uvicorn on 127.0.0.1 (a free port) in a background thread."""
+def serving(app, drain_s=None):
+    """Run the app with uvicorn on 127.0.0.1 (a free port) in a background thread; with `drain_s`, the server of
+    `overfill serve`, whose shutdown drains running requests."""
     import uvicorn
 
     sock = listen_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+    config = dict(log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(app, **config)) if drain_s is None else \
+        uvicorn_server(app, drain_s=drain_s, **{**config, "timeout_graceful_shutdown": TIMEOUT})
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + TIMEOUT

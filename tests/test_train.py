@@ -13,7 +13,7 @@ from overfill.cli import main
 from overfill.data import in_validation
 from overfill.errors import OverfillError
 from overfill.model import load_state_dict
-from overfill.train import (TrainConfig, Trainer, batch_plan, checkpoint_dirs, kl_per_token, latest_checkpoint,
+from overfill.train import (TrainConfig, Trainer, batch_plan, checkpoint_dirs, latest_checkpoint, length_groups,
                             train)
 from overfill.two_stage import TwoStageModel
 from conftest import tiny_hf_model
@@ -75,7 +75,7 @@ def tiny(tmp_path_factory):
 
 def config(tiny, out, **overrides):
     base = dict(full=tiny["full"], decoder=tiny["pruned"], data=tiny["data"], out=str(out), steps=4,
-                batch_size=4, lr=3e-3, warmup=1, max_len=64, checkpoint_every=0, eval_every=0)
+                batch_size=4, lr=3e-3, warmup=1, max_len=64, checkpoint_every=0, eval_every=0, precision="fp32")
     return TrainConfig(**(base | overrides))
 
 
@@ -126,15 +126,6 @@ def test_kd_term_is_zero_when_the_decoder_is_the_full_model(tiny, tmp_path):
     assert metrics(cfg.out)[0]["kl"] > 0.1
 
 
-def test_kl_per_token_matches_torch_distributions():
-    torch.manual_seed(0)
-    lm_head = torch.nn.Linear(8, 50, bias=False)
-    student, hidden = torch.randn(7, 50), torch.randn(7, 8)
-    expected = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=lm_head(hidden)),
-                                                 torch.distributions.Categorical(logits=student))
-    assert_close(kl_per_token(student, hidden, lm_head, chunk=3), expected.detach(), atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("mode", ["overfill", "pruned"])
 def test_loss_falls_and_the_full_model_stays_bit_identical(tiny, tmp_path, mode):
     cfg = config(tiny, tmp_path / "out", mode=mode, kd_weight=0.5 if mode == "overfill" else 0.0, steps=30,
@@ -179,10 +170,44 @@ def test_outputs_overfill_directory_and_plain_hf_directory(tiny, tmp_path):
 
 def test_both_modes_see_the_same_batches(tiny, tmp_path):
     runs = {mode: Trainer(config(tiny, tmp_path / mode, mode=mode, steps=3)) for mode in ("overfill", "pruned")}
-    tokens = {mode: [b["tokens"] for b in trainer.train_loader] for mode, trainer in runs.items()}
-    assert len(tokens["overfill"]) == 3
-    for a, b in zip(tokens["overfill"], tokens["pruned"]):
-        assert torch.equal(a, b)
+    batches = {mode: list(trainer.train_loader) for mode, trainer in runs.items()}
+    assert len(batches["overfill"]) == 3
+    for a, b in zip(batches["overfill"], batches["pruned"]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_length_groups_regroup_within_windows_deterministically():
+    plan = list(range(32))
+    keys = [((7 * i) % 32, 0) for i in range(32)]
+    grouped = length_groups(plan, keys, per_step=4, window=4, seed=0)
+    assert grouped == length_groups(plan, keys, per_step=4, window=4, seed=0)
+    assert length_groups(plan, keys, per_step=4, window=0, seed=0) == plan
+    for start in (0, 16):  # each window keeps its examples
+        assert sorted(grouped[start:start + 16]) == plan[start:start + 16]
+    batches = [grouped[i:i + 4] for i in range(0, 32, 4)]
+    spread = [max(keys[i][0] for i in b) - min(keys[i][0] for i in b) for b in batches]
+    assert max(spread) < 16  # grouped by length: random batches of this plan span ~the whole range
+
+
+def test_padding_and_precision_are_logged(tiny, tmp_path):
+    out = train(config(tiny, tmp_path / "out", steps=2, length_window=0))
+    grouped = train(config(tiny, tmp_path / "grouped", steps=2, length_window=8))
+    for run in (out, grouped):
+        assert all(0 <= m["padding"] < 1 and m["precision"] == "fp32" for m in metrics(run))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["precision"] == "fp32" and "asked for" in summary["precision_reason"]
+    assert summary["padding"] > json.loads((grouped / "summary.json").read_text())["padding"]
+
+
+def test_bf16_training_runs_with_fp32_master_weights_and_a_bf16_full_model(tiny, tmp_path):
+    trainer = Trainer(config(tiny, tmp_path / "out", steps=2, precision="bf16"))
+    assert trainer.full.model.embed_tokens.weight.dtype == torch.bfloat16
+    trainer.run()
+    assert all(p.dtype == torch.float32 for p in trainer.decoder.parameters())
+    losses = [m["loss"] for m in metrics(tmp_path / "out")]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    reference = [m["loss"] for m in metrics(train(config(tiny, tmp_path / "fp32", steps=2)))]
+    assert losses[0] == pytest.approx(reference[0], rel=0.05)  # bf16 rounding, not another loss
 
 
 def test_batch_plan_epochs_and_token_budget():
@@ -220,7 +245,7 @@ def test_resume_after_a_kill_mid_checkpoint_reproduces_the_loss_curve(tiny, tmp_
     assert (out / "checkpoints" / ".tmp-step-00000006").is_dir()
     assert len(step_losses(out)) == 6 and not (out / "model.safetensors").exists()
 
-    with pytest.raises(OverfillError, match="not empty: pass --resume"):
+    with pytest.raises(OverfillError, match="holds a training run: pass --resume"):
         train(cfg)
     with pytest.raises(OverfillError, match="other settings.*lr"):
         train(config(tiny, out, resume=True, **common, lr=1e-3))
@@ -267,7 +292,7 @@ def test_cli_trains_with_a_token_budget_and_reports_errors_in_one_line(tiny, tmp
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tokens"] >= 300 and summary["mode"] == "pruned"
     assert main(argv) == 2
-    assert "not empty: pass --resume" in capsys.readouterr().err
+    assert "holds a training run: pass --resume" in capsys.readouterr().err
 
 
 def test_two_processes_stay_in_sync_and_match_one_process(tiny, tmp_path):
@@ -307,3 +332,55 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tiny, tmp_path, monke
     assert len(calls) == 2 * 2  # two decoder layers, two steps
     assert_close(step_losses(recomputed), step_losses(plain), atol=1e-6, rtol=1e-6)
     assert_close(load_state_dict(recomputed), load_state_dict(plain), atol=1e-6, rtol=1e-5)
+
+
+def test_snapshots_at_token_budgets_are_the_models_of_those_steps(tiny, tmp_path):
+    out = train(config(tiny, tmp_path / "out", mode="pruned", steps=6, snapshots=[100, 250]))
+    lines = metrics(out)
+    for budget in (100, 250):
+        snap = out / "snapshots" / f"tokens-{budget}"
+        state = json.loads((snap / "snapshot.json").read_text())
+        first = next(m for m in lines if m["tokens"] >= budget)  # the first step that reached the budget
+        assert state["step"] == first["step"] and state["tokens"] == first["tokens"]
+        assert (snap / "config.json").is_file() and not (snap / "overfill.json").exists()
+    a, b = (load_state_dict(out / "snapshots" / f"tokens-{n}") for n in (100, 250))
+    assert not torch.equal(a["model.norm.weight"], b["model.norm.weight"])
+    overfill = train(config(tiny, tmp_path / "of", steps=3, snapshots=[50]))
+    assert TwoStageModel.from_pretrained(overfill / "snapshots" / "tokens-50").is_two_stage
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_out_never_overwrites_an_input_model_or_a_directory_without_a_run(tiny, tmp_path, resume):
+    """The defect: --resume --out <the full model's directory> replaced its weights, with exit code 0."""
+    import shutil
+
+    full = tmp_path / "full"
+    shutil.copytree(tiny["full"], full)
+    before = {p.name: p.read_bytes() for p in full.iterdir()}
+    for out, message in ((full, "inside the --full model directory"),
+                         (Path(tiny["pruned"]), "inside the --decoder model directory"),
+                         (full / "sub", "inside the --full model directory")):
+        with pytest.raises(OverfillError, match=message):
+            train(config(tiny, out, full=str(full), resume=resume))
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(OverfillError, match="not empty"):
+        train(config(tiny, other, resume=resume))
+    assert {p.name: p.read_bytes() for p in full.iterdir()} == before
+    assert [p.name for p in other.iterdir()] == ["keep.txt"]
+
+
+def test_resume_refuses_training_data_that_changed(tiny, tmp_path):
+    import shutil
+
+    data = tmp_path / "chats.jsonl"
+    shutil.copy(tiny["data"], data)
+    cfg = config(tiny, tmp_path / "out", data=str(data), steps=4, checkpoint_every=2)
+    out = train(cfg)
+    (out / "summary.json").unlink()  # as if killed after the checkpoint of step 2
+    assert latest_checkpoint(out).name == "step-00000002"
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same chats, another order: other batches
+    with pytest.raises(OverfillError, match="training data of the run .* changed"):
+        Trainer(config(tiny, tmp_path / "out", data=str(data), steps=4, checkpoint_every=2, resume=True))
