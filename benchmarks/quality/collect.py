@@ -176,7 +176,7 @@ def collect(run: Path, out: Path) -> None:
         "decoder": {"hidden": prune_record["pruned"]["hidden_size"],
                     "intermediate": prune_record["pruned"]["intermediate_size"],
                     "parameters": prune_record.get("params_after") or prune_record.get("parameters_after")},
-        "command": "sh benchmarks/quality/run.sh",
+        "command": "bash benchmarks/quality/run.sh",
         "machine": describe_machine(torch.device("cpu")),
         "full_eval_seconds": full["timings"]["total_s"],
         "points": found,

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The quality experiment of docs/RESULTS.md, resumable: rerun the same command after a stop.
 #
-#   sh benchmarks/quality/run.sh            # everything that is not done yet, then collect
-#   STAGES="train" sh benchmarks/quality/run.sh   # only some stages: prune train kd eval answers collect
+#   bash benchmarks/quality/run.sh            # everything that is not done yet, then collect
+#   STAGES="train" bash benchmarks/quality/run.sh   # only some stages: prune train kd eval answers collect
 #
 # SmolLM2-135M-Instruct is the full model; the decoder is pruned with --hidden 0.45
 # --intermediate 0.45 (the paper's 3B -> 1B ratio). The OverFill decoder and the pruned baseline

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Does bf16 training move quality? The same 200-step OverFill run in fp32 and in bf16, on the same
 # batches; their validation-loss curves go to benchmarks/train/results/precision_curves.{json,png}.
-#   sh benchmarks/train/precision_curves.sh [DECODER]   (default: runs/quality/pruned, from benchmarks/quality/run.sh)
+#   bash benchmarks/train/precision_curves.sh [DECODER]   (default: runs/quality/pruned, from benchmarks/quality/run.sh)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DECODER=${1:-runs/quality/pruned}
