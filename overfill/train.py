@@ -157,7 +157,16 @@ class TrainConfig:
     def changes_from(self, saved: "TrainConfig") -> list[str]:
         """Settings that differ from `saved` and would change the loss curve of a resumed run."""
         return [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(self, f.name)!r}" for f in fields(self)
-                if f.name not in RESUMABLE and getattr(self, f.name) != getattr(saved, f.name)]
+                if f.name not in RESUMABLE and not _same_setting(getattr(self, f.name), getattr(saved, f.name))]
+
+
+def _same_setting(a, b) -> bool:
+    """Equal, or two spellings of one existing path (a moved run folder reached through a link)."""
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return False
 
 
 TrainArgs = TrainConfig  # the `overfill train` flags are the config's fields

@@ -384,3 +384,11 @@ def test_resume_refuses_training_data_that_changed(tiny, tmp_path):
     data.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same chats, another order: other batches
     with pytest.raises(OverfillError, match="training data of the run .* changed"):
         Trainer(config(tiny, tmp_path / "out", data=str(data), steps=4, checkpoint_every=2, resume=True))
+
+
+def test_resume_accepts_another_spelling_of_the_same_input_path(tiny, tmp_path):
+    link = tmp_path / "pruned-link"
+    link.symlink_to(tiny["pruned"])
+    saved = config(tiny, tmp_path / "out")
+    assert config(tiny, tmp_path / "out", decoder=str(link)).changes_from(saved) == []
+    assert config(tiny, tmp_path / "out", decoder=tiny["full"]).changes_from(saved) != []
