@@ -67,9 +67,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(args, port: int, log_file) -> subprocess.Popen:
-    command = [sys.executable, "-m", "overfill.cli", "serve", "--full", args.full, "--host", "127.0.0.1",
-               "--port", str(port), "--max-batch", str(args.max_batch), "--model-name", MODEL_NAME]
+def start_server(args, port: int, log_file, full: str | None = None, extra: list[str] = ()) -> subprocess.Popen:
+    """`overfill serve` of `full` (default args.full) and args.decoder, with `extra` flags; waits for /health."""
+    command = [sys.executable, "-m", "overfill.cli", "serve", "--full", full or args.full, "--host", "127.0.0.1",
+               "--port", str(port), "--max-batch", str(args.max_batch), "--model-name", MODEL_NAME, *extra]
     if args.decoder:
         command += ["--decoder", args.decoder]
     env = {k: v for k, v in os.environ.items() if k != "OVERFILL_API_KEY"}

@@ -24,7 +24,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.serve_load import MODEL_NAME, ROOT, free_port, pass_stats
+from benchmarks.serve_load import MODEL_NAME, free_port, pass_stats, start_server
 
 TINY = "tiny"
 TARGET_EXTRA_DELAY_S = 0.100
@@ -63,29 +62,6 @@ def tiny_model(out: Path, window: int) -> str:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
-
-
-def start_server(args, full: str, port: int, log_file) -> subprocess.Popen:
-    command = [sys.executable, "-m", "overfill.cli", "serve", "--full", full, "--host", "127.0.0.1",
-               "--port", str(port), "--max-batch", str(args.max_batch), "--model-name", MODEL_NAME]
-    command += ["--decoder", args.decoder] if args.decoder else []
-    command += ["--max-body-bytes", str(args.max_body_bytes)] if args.max_body_bytes else []
-    env = {k: v for k, v in os.environ.items() if k != "OVERFILL_API_KEY"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    server = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + args.startup_timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with code {server.returncode}; see {log_file.name}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    server.terminate()
-    raise SystemExit(f"the server did not answer within {args.startup_timeout}s; see {log_file.name}")
 
 
 def chat_body(text: str, **extra) -> dict:
@@ -229,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             "w", prefix="serve_reliability_", suffix=".log", delete=False) as log_file:
         print(f"server log: {log_file.name}", flush=True)
         full = tiny_model(Path(workdir), args.tiny_window) if args.full == TINY else args.full
-        server = start_server(args, full, port, log_file)
+        extra = ["--max-body-bytes", str(args.max_body_bytes)] if args.max_body_bytes else []
+        server = start_server(args, port, log_file, full=full, extra=extra)
         try:
             stream_gaps(base, 4)  # warm-up
             a = target_a(base, args, args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)

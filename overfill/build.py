@@ -57,10 +57,9 @@ class BuildConfig:
 
 
     def __post_init__(self) -> None:
-        if self.steps is not None and self.tokens is not None:
-            raise OverfillError("give --steps or --tokens, not both")
-        if self.steps is None and self.tokens is None:
-            self.steps = DEFAULT_STEPS
+        from .train import step_budget
+
+        self.steps = step_budget(self.steps, self.tokens, DEFAULT_STEPS)  # checked before any stage runs
 
 
 BuildArgs = BuildConfig

@@ -20,6 +20,8 @@ Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo names, best first
+AUTO_PRECISION_HELP = ("auto: bf16 where the device has native bf16 matrix units (CUDA, AMX or AVX512-BF16 CPUs), "
+                       "else fp32")
 
 
 def pick_device(name: str) -> torch.device:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .data import Example, load_examples
 from .errors import OverfillError
-from .device import pick_device, resolve_precision
+from .device import AUTO_PRECISION_HELP, pick_device, resolve_precision
 from .generate import SamplingParams, prefill, stream_batch
 from .kv_cache import KVCache
 from .model import causal_mask, positions_from_padding
@@ -422,8 +422,7 @@ class EvalConfig:
     batch_size: int = field(default=32, metadata={"help": "requests per forward pass"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, ... (auto: cuda if available)"})
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
-        "help": "weights and activations in bf16 or fp32 (scores are summed in fp32); auto: bf16 where the "
-                "device has native bf16 matrix units (CUDA, AMX or AVX512-BF16 CPUs), else fp32"})
+        "help": "weights and activations in bf16 or fp32 (scores are summed in fp32); " + AUTO_PRECISION_HELP})
 
 
 @dataclass

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .errors import OverfillError
-from .device import pick_device, resolve_precision
+from .device import AUTO_PRECISION_HELP, pick_device, resolve_precision
 from .model import ModelArgs
 
 RECORD_FILE = "prune_record.json"
@@ -80,8 +80,7 @@ class PruneConfig:
         "help": "how per-sequence scores are reduced over the calibration set"})
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
         "help": "precision of the calibration passes, on a copy of the model if its weights differ (the saved "
-                "weights keep their own precision); auto: bf16 where the device has native bf16 matrix units "
-                "(CUDA, AMX or AVX512-BF16 CPUs), else fp32"})
+                "weights keep their own precision); " + AUTO_PRECISION_HELP})
     device: str = field(default="auto", metadata={"help": "device for calibration: auto, cpu, cuda, cuda:1, ..."})
     seed: int = field(default=0, metadata={"help": "seed for picking calibration texts"})
 

@@ -45,10 +45,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .device import PRECISIONS, resolve_precision
+from .device import AUTO_PRECISION_HELP, PRECISIONS, resolve_precision
 from .errors import OverfillError
 from .losses import response_losses
 from .model import Transformer
@@ -109,8 +108,7 @@ class TrainConfig:
     grad_checkpointing: bool = field(default=False, metadata={
         "help": "recompute the decoder's activations in the backward pass (less memory, ~30%% slower)"})
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
-        "help": "bf16: autocast over fp32 master weights, full model stored in bf16; auto: bf16 where the "
-                "device has native bf16 matrix units (CUDA, AMX or AVX512-BF16 CPUs), else fp32"})
+        "help": "bf16: autocast over fp32 master weights, full model stored in bf16; " + AUTO_PRECISION_HELP})
     length_window: int = field(default=64, metadata={
         "help": "group examples of similar lengths into steps within windows of this many steps of the seeded "
                 "order (0: no grouping); less padding, the same plan in both modes"})
@@ -120,10 +118,7 @@ class TrainConfig:
             raise OverfillError(f"mode must be 'overfill' or 'pruned', got '{self.mode}'")
         if self.precision not in PRECISIONS:
             raise OverfillError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
-        if self.steps is not None and self.tokens is not None:
-            raise OverfillError("give --steps or --tokens, not both")
-        if self.steps is None and self.tokens is None:
-            self.steps = DEFAULT_STEPS
+        self.steps = step_budget(self.steps, self.tokens, DEFAULT_STEPS)
         positive = {"steps": self.steps or 1, "tokens": self.tokens or 1, "batch_size": self.batch_size,
                     "grad_accum": self.grad_accum, "keep": self.keep, "val_examples": self.val_examples}
         at_least_zero = {"kd_weight": self.kd_weight, "warmup": self.warmup, "grad_clip": self.grad_clip,
@@ -158,6 +153,13 @@ class TrainConfig:
         """Settings that differ from `saved` and would change the loss curve of a resumed run."""
         return [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(self, f.name)!r}" for f in fields(self)
                 if f.name not in RESUMABLE and not _same_setting(getattr(self, f.name), getattr(saved, f.name))]
+
+
+def step_budget(steps: int | None, tokens: int | None, default: int) -> int | None:
+    """The steps of a run budgeted by `steps` or `tokens` (one of them; `default` steps when neither)."""
+    if steps is not None and tokens is not None:
+        raise OverfillError("give --steps or --tokens, not both")
+    return default if steps is None and tokens is None else steps
 
 
 def _same_setting(a, b) -> bool:
@@ -599,7 +601,7 @@ class Trainer:
         acc.wait_for_everyone()
 
     def save_final(self, last: dict, wall_seconds: float) -> None:
-        from .model import from_state_dict, save_model
+        from .model import from_state_dict
 
         acc, cfg = self.accelerator, self.cfg
         state = acc.get_state_dict(self.decoder)  # a collective under FSDP: every process calls it

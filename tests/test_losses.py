@@ -58,8 +58,6 @@ def test_fast_losses_and_gradients_equal_the_first_release_path(mode, kd, depth_
     layer_map = [0, 2] if depth_pruned else None
     decoder = random_model(tiny_args(hidden=32, intermediate=48, layers=2 if depth_pruned else 3, tie=True,
                                      model_type=model_type), seed=1)
-    if not depth_pruned:
-        layer_map = None
     batch = examples(seed=3)
     ce, kl, g = run(response_losses, full, decoder, collate_split(batch, pad_id=0), mode, layer_map, kd)
     ref_ce, ref_kl, ref_g = run(reference_losses, full, decoder, collate(batch, pad_id=0), mode, layer_map, kd)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 FULL = "smollm2-135m-instruct"
@@ -175,7 +174,7 @@ def collect(run: Path, out: Path) -> None:
         "full": FULL,
         "decoder": {"hidden": prune_record["pruned"]["hidden_size"],
                     "intermediate": prune_record["pruned"]["intermediate_size"],
-                    "parameters": prune_record.get("params_after") or prune_record.get("parameters_after")},
+                    "parameters": prune_record["params_after"]},
         "command": "bash benchmarks/quality/run.sh",
         "machine": describe_machine(torch.device("cpu")),
         "full_eval_seconds": full["timings"]["total_s"],
