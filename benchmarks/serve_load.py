@@ -91,12 +91,13 @@ def start_server(args, port: int, log_file, full: str | None = None, extra: list
     raise SystemExit(f"the server did not answer within {args.startup_timeout}s; see {log_file.name}")
 
 
-async def ask(client: openai.AsyncOpenAI, index: int, prompt: str, max_tokens: int) -> Result:
+async def ask(client: openai.AsyncOpenAI, index: int, prompt: str, max_tokens: int,
+              extra_body: dict | None = None) -> Result:
     result, start = Result(index), time.perf_counter()
     try:
         stream = await client.chat.completions.create(
             model=MODEL_NAME, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-            temperature=0, stream=True, stream_options={"include_usage": True})
+            temperature=0, stream=True, stream_options={"include_usage": True}, extra_body=extra_body)
         pieces = []
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
@@ -111,7 +112,8 @@ async def ask(client: openai.AsyncOpenAI, index: int, prompt: str, max_tokens: i
     return result
 
 
-async def run_pass(base_url: str, prompts: list[str], concurrency: int, max_tokens: int) -> tuple[list[Result], float]:
+async def run_pass(base_url: str, prompts: list[str], concurrency: int, max_tokens: int,
+                   extra_body: dict | None = None) -> tuple[list[Result], float]:
     """All prompts through `concurrency` clients working off one queue; the results in prompt order."""
     client = openai.AsyncOpenAI(base_url=base_url, api_key="-", max_retries=0, timeout=600,
                                 http_client=openai.DefaultAsyncHttpxClient(
@@ -124,7 +126,7 @@ async def run_pass(base_url: str, prompts: list[str], concurrency: int, max_toke
     async def worker():
         while not todo.empty():
             i = todo.get_nowait()
-            results.append(await ask(client, i, prompts[i], max_tokens))
+            results.append(await ask(client, i, prompts[i], max_tokens, extra_body))
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))

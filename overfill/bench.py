@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .errors import OverfillError
+from .files import check_output_file
 from .device import default_dtype, pick_device
 from .generate import BatchDecoder, SamplingParams
 from .model import ModelArgs, Transformer, from_state_dict, load_model, read_config
@@ -546,6 +547,7 @@ def bench_command(args: BenchArgs) -> None:
     engines = list(args.engine) or ["compiled" if device.type == "cuda" else "eager"]
     systems = list(args.systems) or [s for s in SYSTEMS if s != "reference" or args.shapes != "checkpoint"]
     _check(args, systems, engines)
+    check_output_file(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     if "compiled" in engines:  # every model x batch x cache length is one more static-shape compile

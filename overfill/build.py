@@ -17,15 +17,18 @@ settings is refused rather than silently mixing results.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from .errors import OverfillError
+from .files import check_output_dir, write_text_atomic
 
-DEFAULT_STEPS = 20  # the README's main job on the 2-core CPU
+DEFAULT_TOKENS = 250_000
+"""Training tokens per decoder when neither --steps nor --tokens is given: the README's main job trains
+both decoders and evaluates them in about 20 minutes on a 2-core CPU, and this is the quality
+experiment's first budget point (docs/RESULTS.md), so its numbers can be checked against it."""
 
 
 @dataclass
@@ -40,10 +43,11 @@ class BuildConfig:
     calibration_seq_len: int = field(default=256, metadata={"help": "tokens per calibration sequence"})
     data: str = field(default="sharegpt", metadata={"help": "training data (see `overfill train`)"})
     steps: int | None = field(default=None, metadata={
-        "help": f"optimizer steps per trained model (default {DEFAULT_STEPS} when --tokens is not given)"})
-    tokens: int | None = field(default=None, metadata={"help": "token budget per trained model instead of --steps"})
-    batch_size: int = field(default=4, metadata={"help": "examples per optimizer step"})
-    max_len: int = field(default=256, metadata={"help": "tokens per training example"})
+        "help": "optimizer steps per trained model, instead of --tokens"})
+    tokens: int | None = field(default=None, metadata={
+        "help": f"token budget per trained model, prompt + response (default {DEFAULT_TOKENS:,} unless --steps)"})
+    batch_size: int = field(default=8, metadata={"help": "examples per optimizer step"})
+    max_len: int = field(default=512, metadata={"help": "tokens per training example"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
     warmup: int = field(default=10, metadata={"help": "warm-up steps"})
     kd_weight: float = field(default=0.0, metadata={"help": "distillation weight (both trained models)"})
@@ -59,7 +63,9 @@ class BuildConfig:
     def __post_init__(self) -> None:
         from .train import step_budget
 
-        self.steps = step_budget(self.steps, self.tokens, DEFAULT_STEPS)  # checked before any stage runs
+        if self.steps is None and self.tokens is None:
+            self.tokens = DEFAULT_TOKENS
+        self.steps = step_budget(self.steps, self.tokens, 0)  # checked before any stage runs
 
 
 BuildArgs = BuildConfig
@@ -69,7 +75,12 @@ class Run:
     """The run folder: stage markers and the skip/resume rule."""
 
     def __init__(self, cfg: BuildConfig):
-        self.cfg, self.dir = cfg, Path(cfg.out)
+        from .train import check_not_an_input
+
+        self.cfg, self.dir = cfg, check_output_dir(cfg.out)
+        check_not_an_input(self.dir, {"--full": cfg.full})
+        if self.dir.is_dir() and any(self.dir.iterdir()) and not (self.dir / "build_config.json").is_file():
+            raise OverfillError(f"--out '{self.dir}' is not empty and holds no build: choose a new --out")
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "build_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
@@ -89,9 +100,8 @@ class Run:
         print(f"[build] {name} ...", flush=True)
         started = time.perf_counter()
         work()
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"settings": settings, "seconds": round(time.perf_counter() - started, 1)}, indent=2))
-        os.replace(tmp, marker)
+        write_text_atomic(marker, json.dumps({"settings": settings,
+                                              "seconds": round(time.perf_counter() - started, 1)}, indent=2))
         print(f"[build] {name}: {time.perf_counter() - started:.0f} s", flush=True)
 
 

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("overfill.evaluate:eval_command", "benchmarks and chat quality: full / decoder / overfill"),
     "bench": ("overfill.bench:bench_command", "latency and throughput against the memory-bandwidth floor"),
     "serve": ("overfill.serve:serve_command", "OpenAI-compatible HTTP server"),
+    "export": ("overfill.export:export_command", "an OverFill pair as a directory that vLLM serves"),
     "build": ("overfill.build:build_command", "the whole pipeline: prune, train, eval, bench, report"),
 }
 

@@ -154,7 +154,19 @@ def _iter_sharegpt() -> Iterator[Conversation]:
         log.info("sharegpt: skipped %d conversations with unknown roles or broken entries", skipped)
 
 
+def not_utf8(path: Path, e: UnicodeDecodeError) -> OverfillError:
+    return OverfillError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start} of its "
+                         f"block): convert it, e.g. `iconv -f latin1 -t utf-8`")
+
+
 def _iter_jsonl(path: Path) -> Iterator[Record]:
+    try:
+        yield from _iter_jsonl_lines(path)
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e) from None
+
+
+def _iter_jsonl_lines(path: Path) -> Iterator[Record]:
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -171,7 +183,10 @@ def _iter_jsonl(path: Path) -> Iterator[Record]:
 
 
 def _iter_txt(path: Path) -> Iterator[Document]:
-    blocks = re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))
+    try:
+        blocks = re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e) from None
     for number, block in enumerate(blocks):
         if block.strip():
             yield Document(key=block.strip(), uid=f"{path.name}:{number}", text=block.strip())
@@ -226,6 +241,11 @@ def _turns(obj: dict, key: str, role: str, content: str) -> list[tuple[str, str]
 def _string(value: object, name: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f'"{name}" must be a string, got {type(value).__name__}')
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's \ud800 escapes decode to text that no tokenizer can take
+        raise ValueError(f'"{name}" holds a lone surrogate ({value[e.start]!r} at character {e.start}), '
+                         "which is not Unicode text: fix or drop the record") from None
     return value
 
 
@@ -383,7 +403,8 @@ def load_examples(source: str, tokenizer, split: str = "train", max_len: int = 1
                 break
     if not examples:
         raise OverfillError(f"data source '{source}' has no usable examples in its {split} split "
-                            f"({len(records)} records; chats need an assistant turn after a user turn)")
+                            f"({len(records)} records; a chat needs an assistant turn after a user turn, and its "
+                            f"prompt and at least {MIN_RESPONSE_TOKENS} response tokens must fit max_len {max_len})")
     return examples[:limit]
 
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from .data import Example, load_examples
 from .errors import OverfillError
+from .files import check_output_file, write_text_atomic
 from .device import AUTO_PRECISION_HELP, pick_device, resolve_precision
 from .generate import SamplingParams, prefill, stream_batch
 from .kv_cache import KVCache
@@ -527,22 +528,22 @@ def weights_fingerprint(path: Path) -> str:
 
 
 def _host() -> dict:
-    return {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    from .device import cpu_model
+
+    return {"machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def eval_command(args: EvalArgs) -> None:
     if args.report:
-        out = write_report(args.report, args.out or "report.md")
+        out = write_report(args.report, check_output_file(args.out or "report.md"))
         print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if out.with_suffix(".png").is_file() else ""))
         return
+    out = check_output_file(args.out or "results.json")
     record = evaluate(args)
-    out = Path(args.out or "results.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(record, indent=2))
     if record["average"]:
         print(f"average acc over {record['average']['tasks']} tasks: {record['average']['acc']:.4f}")
     if record["chat"]:

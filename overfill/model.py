@@ -54,6 +54,7 @@ class ModelArgs:
             raise OverfillError("unsupported config: mlp_bias=true")
         if model_type in ("qwen2", "qwen3") and c.get("use_sliding_window"):
             raise OverfillError("unsupported config: use_sliding_window=true")
+        _check_config_values(c)
         heads = c["num_attention_heads"]
         attention_bias = bool(c.get("attention_bias", False))
         return cls(
@@ -82,6 +83,31 @@ class ModelArgs:
         block = attn + 3 * d * f + 2 * d
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * block + embed + d
+
+
+REQUIRED_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def _check_config_values(c: dict) -> None:
+    """Missing, mistyped or nonsensical sizes get a clear error here, not a crash (or garbage) later."""
+    for key in REQUIRED_INTS + OPTIONAL_INTS:
+        if key not in c or (c[key] is None and key in OPTIONAL_INTS):
+            if key in REQUIRED_INTS:
+                raise OverfillError(f"config.json lacks '{key}'")
+            continue
+        value = c[key]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise OverfillError(f"config.json: '{key}' must be an integer, got {value!r}")
+        if value < 1:
+            raise OverfillError(f"config.json: '{key}' must be positive, got {value}")
+    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    if heads % kv:
+        raise OverfillError(f"config.json: num_attention_heads ({heads}) must be a multiple of "
+                            f"num_key_value_heads ({kv})")
+    eps = c.get("rms_norm_eps", 1e-6)
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise OverfillError(f"config.json: 'rms_norm_eps' must be a positive number, got {eps!r}")
 
 
 def _rope_parameters(c: dict) -> dict:
@@ -319,25 +345,35 @@ def causal_mask(key_valid: Tensor, query_slots: Tensor) -> Tensor:
 def read_config(path: str | os.PathLike) -> dict:
     config = Path(path) / "config.json"
     try:
-        return json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        values = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
         raise OverfillError(f"cannot read {config}: {e}") from None
+    if not isinstance(values, dict):
+        raise OverfillError(f"{config} must hold a JSON object, got {type(values).__name__}")
+    return values
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise OverfillError(f"cannot read {index}: {e!r}") from None
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
         raise OverfillError(f"no safetensors weights in '{path}' (expected model.safetensors)")
     state: dict[str, Tensor] = {}
     for name in files:
-        state.update(load_file(str(path / name)))
+        try:
+            state.update(load_file(str(path / name)))
+        except (OSError, SafetensorError) as e:
+            raise OverfillError(f"cannot read the weights {path / name} (cut off or not safetensors?): {e}") from None
     return state
 
 
@@ -360,9 +396,12 @@ def from_state_dict(args: ModelArgs, state: dict[str, Tensor], dtype: torch.dtyp
     if args.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     try:
-        model.load_state_dict(state, strict=False, assign=True)
+        unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
     except RuntimeError as e:
         raise OverfillError(f"weights in {source} do not match its config: {str(e).splitlines()[0]}") from None
+    if unexpected:
+        raise OverfillError(f"weights in {source} hold {len(unexpected)} tensors its config does not describe, "
+                            f"e.g. {unexpected[0]}: does config.json (num_hidden_layers, ...) belong to these weights?")
     model.tie_weights()  # assign=True replaced the embedding Parameter
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:

@@ -65,7 +65,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from .errors import OverfillError
-from .device import default_dtype, pick_device
+from .device import AUTO_PRECISION_HELP, default_dtype, pick_device, resolve_precision
 from .generate import SamplingParams, TextState, decode_step, encode, prefill, refresh, sample
 from .kv_cache import KVCache
 from .model import positions_from_padding
@@ -79,6 +79,10 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 """OpenAI's default `max_tokens` for /v1/completions (chat defaults to the rest of the context)."""
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 """Largest request body: JSON parsing and validation run on the event loop, so this bounds their stall."""
+REQUEST_HEAD_TIMEOUT_S = 10.0
+"""A connection must send a whole request head this soon after it opens (or after its last response)."""
+BODY_TIMEOUT_S = 30.0
+"""Longest wait for the next piece of a request body before a 408."""
 SHUTDOWN_DRAIN_S = 5.0
 """On SIGTERM, how long running requests may go on before they are ended with an error event."""
 GRACEFUL_SHUTDOWN_S = 10
@@ -510,6 +514,7 @@ class _GenerationRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # an extension, as in vLLM
+    ignore_eos: bool | None = False  # an extension, as in vLLM: generate max_tokens whatever the model says
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool | None = False
@@ -811,7 +816,7 @@ class OpenAIServer:
                            code="context_length_exceeded")
         temperature = 1.0 if body.temperature is None else body.temperature
         params = SamplingParams(max_tokens, temperature, body.top_k or 0, body.top_p or 1.0, body.seed,
-                                body.stop_strings())
+                                body.stop_strings(), ignore_eos=bool(body.ignore_eos))
         try:
             return params.validate()
         except OverfillError as e:
@@ -912,8 +917,8 @@ class _BodyLimit:
     parses it. A declared Content-Length is checked before reading; a chunked body as it arrives. What the
     client still sends after the 413 is read and dropped by uvicorn, so that it gets to read the answer."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float = BODY_TIMEOUT_S):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -923,7 +928,13 @@ class _BodyLimit:
             return await self._too_large(scope, receive, send)
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:  # a client that stopped sending half-way would hold its slot forever
+                error = APIError(408, f"The request body did not arrive within {self.timeout_s:g} s.",
+                                 code="request_timeout")
+                return await JSONResponse(error.body(), status_code=408, headers={"connection": "close"})(
+                    scope, receive, send)
             if message["type"] != "http.request":
                 return  # the client went away
             chunks.append(message.get("body", b""))
@@ -966,7 +977,8 @@ def _validation_error(error: dict) -> APIError:
 
 
 def create_app(model: TwoStageModel, model_name: str = "overfill", api_key: str | None = None,
-               max_batch: int = 16, refresh_every: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+               max_batch: int = 16, refresh_every: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               body_timeout_s: float = BODY_TIMEOUT_S):
     """The FastAPI app; its lifespan starts and stops the scheduler thread that owns the model.
 
     With an API key, the interactive docs are off: a browser cannot send the key, and the
@@ -987,7 +999,7 @@ def create_app(model: TwoStageModel, model_name: str = "overfill", api_key: str 
     docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key else {}
     app = FastAPI(title="overfill", lifespan=lifespan, **docs)
     app.state.server = server
-    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
     app.add_middleware(_Gate, api_key=api_key)  # the outermost: no body is read before the key is checked
     app.get("/health")(server.health)
     app.get("/v1/models")(server.list_models)
@@ -1014,9 +1026,36 @@ def create_app(model: TwoStageModel, model_name: str = "overfill", api_key: str 
     return app
 
 
-def uvicorn_server(app, drain_s: float = SHUTDOWN_DRAIN_S, **config):
+def guarded_http_protocol(head_timeout_s: float):
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request head is not complete `head_timeout_s`
+    after it opened (or after its last response): uvicorn itself keeps a silent or half-open connection, or
+    one that sends its headers a byte at a time, forever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_head_deadline()
+
+        def _arm_head_deadline(self) -> None:
+            self.loop.call_later(head_timeout_s, self._head_deadline, self.cycle)
+
+        def _head_deadline(self, cycle_then) -> None:
+            if self.cycle is cycle_then and not self.transport.is_closing():  # no new request head since
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def uvicorn_server(app, drain_s: float = SHUTDOWN_DRAIN_S, head_timeout_s: float = REQUEST_HEAD_TIMEOUT_S,
+                   **config):
     """A uvicorn server whose shutdown (SIGTERM, Ctrl-C) first drains the scheduler: running requests may finish
-    for `drain_s`, then end with an error event, so that every stream still ends with [DONE]."""
+    for `drain_s`, then end with an error event, so that every stream still ends with [DONE]. A connection
+    that has not sent a whole request head within `head_timeout_s` is closed."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -1024,7 +1063,7 @@ def uvicorn_server(app, drain_s: float = SHUTDOWN_DRAIN_S, **config):
             app.state.server.scheduler.drain(drain_s)
             await super().shutdown(sockets)
 
-    return Server(uvicorn.Config(app, **config))
+    return Server(uvicorn.Config(app, http=guarded_http_protocol(head_timeout_s), **config))
 
 
 # ---------------------------------------------------------------------------- `overfill serve`
@@ -1047,6 +1086,17 @@ class ServeArgs:
     refresh_every: int | None = field(default=None, metadata={
         "help": "let the full model re-process every K decoded tokens (default: the decoder's setting)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, ... (auto: cuda if available)"})
+    precision: Literal["default", "auto", "fp32", "bf16"] = field(default="default", metadata={
+        "help": f"weights and KV cache: default (bf16 on CUDA, fp32 on a CPU), or {AUTO_PRECISION_HELP}"})
+
+
+def inference_dtype(precision: str, device):
+    """The serving dtype: `default` keeps the measured engine defaults; otherwise the precision policy."""
+    if precision == "default":
+        return default_dtype(device)
+    choice = resolve_precision(precision, device)
+    log.info("precision %s (%s)", choice.name, choice.reason)
+    return choice.dtype
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -1078,7 +1128,8 @@ def serve_command(args: ServeArgs) -> None:
     api_key = args.api_key or os.environ.get("OVERFILL_API_KEY") or None
     sock = listen_socket(args.host, args.port)  # fail before the slow model load
     device = pick_device(args.device)
-    model = TwoStageModel.from_refs(args.full, args.decoder, dtype=default_dtype(device), device=device)
+    model = TwoStageModel.from_refs(args.full, args.decoder, dtype=inference_dtype(args.precision, device),
+                                    device=device)
     name = args.model_name or default_model_name(args.full, args.decoder)
     app = create_app(model, name, api_key, args.max_batch, args.refresh_every, args.max_body_bytes)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -32,6 +32,7 @@ Output directory:
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -49,6 +50,7 @@ from torch import Tensor
 
 from .device import AUTO_PRECISION_HELP, PRECISIONS, resolve_precision
 from .errors import OverfillError
+from .files import check_output_dir, write_text_atomic
 from .losses import response_losses
 from .model import Transformer
 from .two_stage import TwoStageModel
@@ -57,6 +59,8 @@ CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 STATE_FILE = "trainer_state.json"
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG}
+"""What a full disk, a quota or a read-only mount raise while a run writes its files."""
 CHECKPOINTS = "checkpoints"
 SNAPSHOTS = "snapshots"
 DEFAULT_STEPS = 1000
@@ -181,7 +185,16 @@ def train(cfg: TrainConfig) -> Path:
         check_resumable(cfg, out)
         print(f"{out}: this run has already finished ({SUMMARY_FILE} exists)")
         return out
-    return Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        newest = latest_checkpoint(out)
+        raise OverfillError(f"cannot write to '{out}' ({e.strerror}: {e.filename}): make room, then rerun with "
+                            f"--resume; it continues from "
+                            f"{newest.name if newest else 'the start'}, which is complete") from None
 
 
 def train_command(args: TrainArgs) -> None:
@@ -269,9 +282,7 @@ def check_resumable(cfg: TrainConfig, out: Path) -> None:
 
 
 def check_out_dir(cfg: TrainConfig) -> None:
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise OverfillError(f"--out '{out}' is a file")
+    out = check_output_dir(cfg.out)
     check_not_an_input(out, {"--full": cfg.full, "--decoder": cfg.decoder})
     holds_a_run = (out / CONFIG_FILE).is_file()
     if out.is_dir() and any(out.iterdir()) and not holds_a_run:
@@ -326,17 +337,29 @@ def clean_temporaries(out: Path) -> None:
             shutil.rmtree(path)
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the lines an interrupted run logged after the checkpoint it resumes from (all, from step 0)."""
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop the lines an interrupted run logged after the checkpoint it resumes from (all, from step 0).
+
+    A line that does not parse (a kill mid-write leaves a partial last line) is dropped too;
+    returns how many such lines there were.
+    """
     if not path.is_file():
-        return
+        return 0
     if step == 0:
         path.unlink()
-        return
-    kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+        return 0
+    kept, damaged = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            logged = int(record["step"])
+        except (ValueError, TypeError, KeyError):
+            damaged += 1
+            continue
+        if logged <= step:
+            kept.append(line + "\n")
+    write_text_atomic(path, "".join(kept))
+    return damaged
 
 
 # ---------------------------------------------------------------------------- the run
@@ -377,9 +400,8 @@ class Trainer:
         self.start_step, self.state = 0, {"step": 0, "tokens": 0, "response_tokens": 0, "train_seconds": 0.0,
                                           "slots": 0, "precision": self.precision.name,
                                           "plan_fingerprint": self.plan_fingerprint}
-        checkpoint = latest_checkpoint(self.out) if cfg.resume else None
-        if checkpoint is not None:
-            self.restore(checkpoint)
+        if cfg.resume:
+            self.restore_newest_loadable()
         self.accelerator.wait_for_everyone()  # every process has checked --out before the main one writes there
 
     def autocast(self):
@@ -454,13 +476,37 @@ class Trainer:
         if self.val_loader is not None:
             self.val_loader = acc.prepare(self.val_loader)
 
+    def restore_newest_loadable(self) -> None:
+        """Resume from the newest checkpoint that loads. One that does not (cut off on a full disk,
+        corrupted) is renamed `damaged-step-N`, kept for a look but not tried again, and the one
+        before it is used."""
+        damaged = 0
+        for checkpoint in reversed(checkpoint_dirs(self.out)):
+            try:
+                self.restore(checkpoint)
+                return
+            except OverfillError:
+                raise
+            except Exception as e:  # noqa: BLE001 - whatever a damaged file raises (safetensors, pickle, OS)
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if self.is_main:
+                    os.replace(checkpoint, checkpoint.with_name(f"damaged-{checkpoint.name}"))
+                self.accelerator.print(f"warning: checkpoint {checkpoint} does not load ({reason[:200]}); set aside "
+                                       f"as damaged-{checkpoint.name}, trying the one before it")
+                self.accelerator.wait_for_everyone()
+                damaged += 1
+        if damaged:  # the failed loads may have changed some weights: do not train on from them
+            raise OverfillError(f"no checkpoint in '{self.out / CHECKPOINTS}' loads (set aside as damaged-step-*): "
+                                f"start a new --out, or rename one back if it can be repaired")
+
     def restore(self, checkpoint: Path) -> None:
-        self.accelerator.load_state(str(checkpoint))
-        self.state = json.loads((checkpoint / STATE_FILE).read_text())
-        saved = self.state.get("plan_fingerprint")
+        state = json.loads((checkpoint / STATE_FILE).read_text())  # first: a damaged one fails before loading
+        saved = state.get("plan_fingerprint")
         if saved is not None and saved != self.plan_fingerprint:
             raise OverfillError(f"the training data of the run in '{self.out}' changed since it started (its batches "
                                 f"are not the ones it trained on): restore the data, or start a new --out")
+        self.accelerator.load_state(str(checkpoint))
+        self.state = state
         self.state.setdefault("plan_fingerprint", self.plan_fingerprint)
         self.start_step = self.state["step"]
         saved = self.state.get("precision")
@@ -480,7 +526,10 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             clean_temporaries(self.out)
-            truncate_metrics(self.out / METRICS_FILE, self.start_step)
+            damaged = truncate_metrics(self.out / METRICS_FILE, self.start_step)
+            if damaged:
+                acc.print(f"warning: dropped {damaged} unreadable line(s) of {self.out / METRICS_FILE} "
+                          "(a run killed while writing it)")
             (self.out / CONFIG_FILE).write_text(cfg.to_json())
         self.describe()
         wall = time.perf_counter()
@@ -489,7 +538,15 @@ class Trainer:
         batches = iter(self.train_loader)
         bar = tqdm(total=self.steps, initial=self.start_step, desc=f"train ({cfg.mode})", unit="step",
                    disable=not self.is_main, dynamic_ncols=True)
-        record: dict = {}
+        try:
+            record = self._train_steps(batches, bar)
+        finally:
+            bar.close()  # an error message then starts on a line of its own
+        self.save_final(record, time.perf_counter() - wall)
+        return self.out
+
+    def _train_steps(self, batches, bar) -> dict:
+        cfg, record = self.cfg, {}
         for step in range(self.start_step + 1, self.steps + 1):
             record = self.train_step([next(batches) for _ in range(cfg.grad_accum)])
             record["step"] = step
@@ -502,9 +559,7 @@ class Trainer:
                             pad=f"{record['padding']:.2f}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < self.steps:
                 self.save_checkpoint(step)
-        bar.close()
-        self.save_final(record, time.perf_counter() - wall)
-        return self.out
+        return record
 
     def train_step(self, micro_batches: list[dict[str, Tensor]]) -> dict:
         """One optimizer step over this process's micro-batches; metrics over all processes."""

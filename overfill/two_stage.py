@@ -4,13 +4,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .errors import OverfillError
+from .files import read_json_object
 from .model import ModelArgs, Transformer, causal_mask, load_model, positions_from_padding, save_model
 
 CONFIG_NAME = "overfill.json"
@@ -53,6 +54,23 @@ def check_compatible(full: ModelArgs, decoder: ModelArgs, layer_map: list[int] |
     return problems
 
 
+def read_config_file(path: Path) -> TwoStageConfig:
+    """An overfill.json, checked: known keys only, and values of the right kinds."""
+    values = read_json_object(path, known={f.name for f in fields(TwoStageConfig)})
+    if not isinstance(values.get("full"), str):
+        raise OverfillError(f"{path}: 'full' must name the full model, got {values.get('full')!r}")
+    refresh = values.get("refresh_every", 0)
+    if not isinstance(refresh, int) or isinstance(refresh, bool) or refresh < 0:
+        raise OverfillError(f"{path}: 'refresh_every' must be an integer >= 0, got {refresh!r}")
+    layer_map = values.get("layer_map")
+    if layer_map is not None and not (isinstance(layer_map, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in layer_map)):
+        raise OverfillError(f"{path}: 'layer_map' must be a list of layer indices or null, got {layer_map!r}")
+    if not isinstance(values.get("extra", {}), dict):
+        raise OverfillError(f"{path}: 'extra' must be an object")
+    return TwoStageConfig(**values)
+
+
 def _tokenizer_fingerprint(path: Path) -> str | None:
     file = path / "tokenizer.json"
     return hashlib.sha1(file.read_bytes()).hexdigest() if file.is_file() else None
@@ -62,7 +80,7 @@ def _layer_map_of(decoder_dir: Path) -> list[int] | None:
     for name, key in ((CONFIG_NAME, "layer_map"), ("prune_record.json", "layer_map")):
         file = decoder_dir / name
         if file.is_file():
-            value = json.loads(file.read_text()).get(key)
+            value = read_json_object(file).get(key)
             if value is not None:
                 return list(value)
     return None
@@ -73,7 +91,7 @@ def _generation_eos_ids(model_dir: Path) -> set[int]:
     file = model_dir / "generation_config.json"
     if not file.is_file():
         return set()
-    eos = json.loads(file.read_text()).get("eos_token_id")
+    eos = read_json_object(file).get("eos_token_id")
     return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
 
 
@@ -125,7 +143,7 @@ class TwoStageModel:
             config.layer_map = layer_map if layer_map is not None else _layer_map_of(decoder_dir)
             saved = decoder_dir / CONFIG_NAME
             if saved.is_file():
-                config.refresh_every = json.loads(saved.read_text()).get("refresh_every", 0)
+                config.refresh_every = read_config_file(saved).refresh_every
             a, b = _tokenizer_fingerprint(full_dir), _tokenizer_fingerprint(decoder_dir)
             if a and b and a != b:
                 raise OverfillError(f"the decoder's tokenizer ({decoder_dir}) differs from the full model's ({full_dir})")
@@ -138,10 +156,7 @@ class TwoStageModel:
         file = path / CONFIG_NAME
         if not file.is_file():
             raise OverfillError(f"'{path}' is not an OverFill model directory: it has no {CONFIG_NAME}")
-        try:
-            saved = TwoStageConfig(**json.loads(file.read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise OverfillError(f"{file} is malformed: {e}") from None
+        saved = read_config_file(file)
         model = cls.from_refs(full or saved.full, str(path), layer_map=saved.layer_map, **kwargs)
         saved.full = full or saved.full
         model.config = saved

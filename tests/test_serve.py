@@ -169,15 +169,15 @@ def test_a_sink_that_raises_cancels_only_its_row(model):
 # ---------------------------------------------------------------------------- over HTTP
 
 @contextmanager
-def serving(app, drain_s=None):
+def serving(app, drain_s=None, **server_options):
     """Run the app with uvicorn on 127.0.0.1 (a free port) in a background thread; with `drain_s`, the server of
-    `overfill serve`, whose shutdown drains running requests."""
+    `overfill serve`, whose shutdown drains running requests (`server_options`: more of `uvicorn_server`'s)."""
     import uvicorn
 
     sock = listen_socket("127.0.0.1", 0)
     config = dict(log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(uvicorn.Config(app, **config)) if drain_s is None else \
-        uvicorn_server(app, drain_s=drain_s, **{**config, "timeout_graceful_shutdown": TIMEOUT})
+        uvicorn_server(app, drain_s=drain_s, **{**config, "timeout_graceful_shutdown": TIMEOUT}, **server_options)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + TIMEOUT

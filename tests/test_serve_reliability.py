@@ -4,6 +4,7 @@ shutdown ends every stream with [DONE], and no stray U+FFFD ends a text cut at t
 Same tiny random pair and real uvicorn server as test_serve.py.
 """
 import json
+import socket
 import threading
 import time
 from collections import deque
@@ -342,3 +343,73 @@ def test_a_text_cut_inside_a_character_ends_without_u_fffd(model, end):
 
     whole = TextState(tokenizer, SamplingParams(), len(ids) + 1, {eos}, 1)
     assert "".join(whole.add(t) for t in ids + euro[2:]) == "Price: 5\u20ac"  # a completed character stays
+
+
+# ---------------------------------------------------------------------------- half-open connections
+
+def raw_connection(base: str) -> socket.socket:
+    host, port = base.removeprefix("http://").split(":")
+    conn = socket.create_connection((host, int(port)), timeout=TIMEOUT)
+    return conn
+
+
+def closed_within(conn: socket.socket, seconds: float) -> bool:
+    """Whether the server closes `conn` (EOF, or a reset) within `seconds`, reading whatever it answers."""
+    conn.settimeout(seconds)
+    try:
+        while conn.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Ty"],
+                         ids=["silent", "half-a-head"])
+def test_a_connection_without_a_whole_request_head_is_closed(model, sent):
+    with serving(create_app(model, NAME), drain_s=1.0, head_timeout_s=0.5) as base:
+        conn = raw_connection(base)
+        conn.sendall(sent)
+        started = time.monotonic()
+        assert closed_within(conn, 5.0)
+        assert 0.4 < time.monotonic() - started < 3.0
+        conn.close()
+        ok = post(base, "chat/completions", {"model": NAME, "messages": HI, "max_tokens": 2})  # others unharmed
+        assert ok.status_code == 200
+
+
+def test_the_head_timeout_spares_a_request_whose_head_arrived(model):
+    body = json.dumps({"model": NAME, "messages": HI, "max_tokens": 2}).encode()
+    with serving(create_app(model, NAME), drain_s=1.0, head_timeout_s=0.3) as base:
+        conn = raw_connection(base)
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        time.sleep(0.8)  # the body comes late, but within the body timeout
+        conn.sendall(body)
+        conn.settimeout(TIMEOUT)
+        answer = conn.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        conn.close()
+
+
+def test_a_body_that_stops_half_way_gets_a_408(model):
+    with serving(create_app(model, NAME, body_timeout_s=0.5), drain_s=1.0) as base:
+        conn = raw_connection(base)
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"model\"")
+        conn.settimeout(5.0)
+        answer = conn.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"request_timeout" in answer
+        conn.close()
+
+
+def test_ignore_eos_reaches_the_sampling_parameters(model):
+    from overfill.serve import ChatRequest
+
+    server = create_app(model, NAME).state.server
+    for ignore in (True, False):
+        body = ChatRequest(model=NAME, messages=HI, max_tokens=4, ignore_eos=ignore)
+        assert server._params(body, 3, body.max_tokens, 16, "messages").ignore_eos is ignore

@@ -5,13 +5,18 @@
 
 `answers` writes, for every budget point whose two snapshots exist, the greedy answers of the
 full model, the pruned baseline and OverFill to the same fixed prompts ($RUN/eval/answers-*.json).
-`collect` turns the evaluation files into docs/results/quality.json (the form of issue #12), a
-markdown table per point (quality_tables.md) and the two plots, from whatever points are done.
+`collect` copies the evaluation records and the snapshots' training state into
+docs/results/quality_evals/ (small JSON, committed, so that a later session on a new machine
+keeps them), and turns them into docs/results/quality.json (the form of issue #12), a markdown
+table per point (quality_tables.md) and the two plots, from whatever points are done. A point
+already in quality.json whose records are not in the archive (measured before the archive
+existed) is kept as it is, with the machine it was measured on.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 FULL = "smollm2-135m-instruct"
@@ -23,14 +28,16 @@ PROMPTS = [
     "What is 12 times 7?",
 ]
 MAX_NEW_TOKENS = 48
+# The machine of the points measured before evaluation records carried one.
+MACHINE_BEFORE_ARCHIVE = "2-core AMD EPYC, AVX512-BF16 (no AMX)"
 
 
-def points(run: Path) -> list[tuple[str, int, float]]:
+def points(archive: Path) -> list[tuple[str, int, float]]:
     """(label, tokens, kd_weight) of every point whose two evaluations exist, in budget order."""
     found = []
-    for path in sorted((run / "eval").glob("overfill-*.json")):
+    for path in sorted(archive.glob("overfill-*.json")):
         label = path.stem.removeprefix("overfill-")
-        if not (run / "eval" / f"pruned-{label}.json").is_file():
+        if not (archive / f"pruned-{label}.json").is_file() or not (archive / f"train-overfill-{label}.json").is_file():
             continue
         kd = 0.5 if label.startswith("kd-") else 0.0
         found.append((label, int(label.removeprefix("kd-")), kd))
@@ -72,14 +79,25 @@ def answers(run: Path) -> None:
         print(f"answers {label} -> {out}")
 
 
+def archive_run(run: Path, archive: Path) -> None:
+    """Copy the run's evaluation records, answers and snapshot states into the committed archive."""
+    archive.mkdir(parents=True, exist_ok=True)
+    for path in (run / "eval").glob("*.json"):
+        shutil.copy2(path, archive / path.name)
+    for path in run.glob("train-*/snapshots/tokens-*/snapshot.json"):
+        train_dir, label = path.parents[2].name, path.parent.name.removeprefix("tokens-")  # train-pruned-kd, 1500000
+        mode, kd = train_dir.removeprefix("train-").removesuffix("-kd"), train_dir.endswith("-kd")
+        shutil.copy2(path, archive / f"train-{mode}-{'kd-' if kd else ''}{label}.json")
+
+
 def closure(full: float, pruned: float, overfill: float) -> float | None:
     gap = full - pruned
     return (overfill - pruned) / gap if abs(gap) > 1e-12 else None
 
 
-def point_record(run: Path, label: str, tokens: int, kd: float, full: dict) -> dict:
-    pruned = json.loads((run / "eval" / f"pruned-{label}.json").read_text())
-    overfill = json.loads((run / "eval" / f"overfill-{label}.json").read_text())
+def point_record(archive: Path, label: str, tokens: int, kd: float, full: dict) -> dict:
+    pruned = json.loads((archive / f"pruned-{label}.json").read_text())
+    overfill = json.loads((archive / f"overfill-{label}.json").read_text())
     tasks = {name: {"docs": full["tasks"][name]["samples"], "full": full["tasks"][name]["acc"],
                     "pruned": pruned["tasks"][name]["acc"], "overfill": overfill["tasks"][name]["acc"],
                     "stderr": overfill["tasks"][name].get("acc_stderr")}
@@ -90,16 +108,16 @@ def point_record(run: Path, label: str, tokens: int, kd: float, full: dict) -> d
         c = record["chat"]
         chat[name] = {"ppl": c["perplexity"], "top1_agreement": c["top1_agreement"], "kl_from_full": c["kl_from_full"],
                       "greedy_matching_tokens": c["greedy_matching_tokens"]}
-    state = {mode: json.loads((snapshot(run, mode, label) / "snapshot.json").read_text())
-             for mode in ("pruned", "overfill")}
-    answers_file = run / "eval" / f"answers-{label}.json"
+    state = {mode: json.loads((archive / f"train-{mode}-{label}.json").read_text()) for mode in ("pruned", "overfill")}
+    answers_file = archive / f"answers-{label}.json"
     record = {"tokens": tokens, "kd_weight": kd, "tasks": tasks, "average": average,
               "closure": closure(average["full"], average["pruned"], average["overfill"]), "chat": chat,
               "tokens_seen": state["overfill"]["tokens"], "steps": state["overfill"]["step"],
               "train_seconds": {m: round(s["train_seconds"]) for m, s in state.items()},
-              "eval_seconds": {"pruned": pruned["timings"]["total_s"], "overfill": overfill["timings"]["total_s"]}}
+              "eval_seconds": {"pruned": pruned["timings"]["total_s"], "overfill": overfill["timings"]["total_s"]},
+              "machine": overfill["timings"]["host"].get("cpu", MACHINE_BEFORE_ARCHIVE)}
     if answers_file.is_file():
-        full_answers = json.loads((run / "eval" / "answers-full.json").read_text())
+        full_answers = json.loads((archive / "answers-full.json").read_text())
         theirs = json.loads(answers_file.read_text())
         record["answers"] = [{"prompt": p, "full": f, "pruned": a, "overfill": b}
                              for p, f, a, b in zip(PROMPTS, full_answers, theirs["pruned"], theirs["overfill"])]
@@ -167,9 +185,19 @@ def collect(run: Path, out: Path) -> None:
 
     from overfill.device import describe_machine
 
-    full = json.loads((run / "eval" / "full.json").read_text())
-    prune_record = json.loads((run / "pruned" / "prune_record.json").read_text())
-    found = [point_record(run, *p, full) for p in points(run)]
+    archive = out / "quality_evals"
+    archive_run(run, archive)
+    if (run / "pruned" / "prune_record.json").is_file():
+        shutil.copy2(run / "pruned" / "prune_record.json", archive / "prune_record.json")
+    full = json.loads((archive / "full.json").read_text())
+    prune_record = json.loads((archive / "prune_record.json").read_text())
+    found = [point_record(archive, *p, full) for p in points(archive)]
+    measured = {(p["tokens"], p["kd_weight"]) for p in found}
+    earlier = json.loads((out / "quality.json").read_text())["points"] if (out / "quality.json").is_file() else []
+    for p in earlier:
+        if (p["tokens"], p["kd_weight"]) not in measured:
+            found.append({**p, "machine": p.get("machine", MACHINE_BEFORE_ARCHIVE)})
+    found.sort(key=lambda p: (p["tokens"], p["kd_weight"]))
     record = {
         "full": FULL,
         "decoder": {"hidden": prune_record["pruned"]["hidden_size"],

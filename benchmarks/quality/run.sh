@@ -3,11 +3,13 @@
 #
 #   bash benchmarks/quality/run.sh            # everything that is not done yet, then collect
 #   STAGES="train" bash benchmarks/quality/run.sh   # only some stages: prune train kd eval answers collect
+#   STAGES="train" MODES=pruned bash benchmarks/quality/run.sh   # only one of the two trainings
+#   STAGES="eval" POINTS="500000 1000000" bash benchmarks/quality/run.sh   # evaluate only these budgets
 #
 # SmolLM2-135M-Instruct is the full model; the decoder is pruned with --hidden 0.45
 # --intermediate 0.45 (the paper's 3B -> 1B ratio). The OverFill decoder and the pruned baseline
 # train on the same ShareGPT batches in the same order with the same schedule (4M tokens), and
-# the budget points are snapshots of those two runs at 0.25M / 0.5M / 1.5M / 4M tokens. The KD
+# the budget points are snapshots of those two runs at 0.25M / 0.5M / 1M / 1.5M / 4M tokens. The KD
 # ablation trains both modes again to 1.5M tokens with --kd-weight 0.5. Every point is evaluated
 # on the default suite (1,000 documents per task, all of a smaller task) and 200 held-out chats,
 # in bf16 (on a CPU with AVX512-BF16 or AMX; `--precision auto` elsewhere), one torch thread per
@@ -17,7 +19,8 @@ cd "$(dirname "$0")/../.."
 RUN=${RUN:-runs/quality}
 STAGES=${STAGES:-"prune train kd eval answers collect"}
 FULL=smollm2-135m-instruct
-BUDGETS="250000 500000 1500000 4000000"
+BUDGETS="250000 500000 1000000 1500000 4000000"
+MODES=${MODES:-"overfill pruned"}
 KD_BUDGET=1500000
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$RUN/eval" "$RUN/logs"
@@ -47,10 +50,10 @@ if has prune && [ ! -f "$RUN/pruned/model.safetensors" ]; then
   overfill prune $FULL --hidden 0.45 --intermediate 0.45 --out "$RUN/pruned" > "$RUN/logs/prune.log" 2>&1
 fi
 if has train; then
-  stamp "train overfill + pruned to 4M tokens"
-  train overfill "$RUN/train-overfill" 4000000 0 $BUDGETS & a=$!
-  train pruned "$RUN/train-pruned" 4000000 0 $BUDGETS & b=$!
-  wait $a; wait $b
+  stamp "train $MODES to 4M tokens"
+  pids=()
+  for mode in $MODES; do train $mode "$RUN/train-$mode" 4000000 0 $BUDGETS & pids+=($!); done
+  for pid in "${pids[@]}"; do wait "$pid"; done
   stamp "train done"
 fi
 if has kd; then
@@ -60,8 +63,10 @@ if has kd; then
   wait $a; wait $b
 fi
 if has eval; then
+  # If memory runs out, lose an evaluation (it reruns from scratch) rather than a training run.
+  echo 1000 > /proc/$$/oom_score_adj 2>/dev/null || true
   evaluate full full
-  for n in $BUDGETS; do
+  for n in ${POINTS:-$BUDGETS}; do
     for mode in overfill pruned; do
       snap="$RUN/train-$mode/snapshots/tokens-$n"
       [ -d "$snap" ] || continue

@@ -1,0 +1,122 @@
+"""`overfill export`: an OverFill pair as a directory another engine serves.
+
+`--format vllm` writes one HF-style directory that vLLM loads as `OverFillForCausalLM` (the
+plugin in `overfill/vllm_plugin.py`, found through the `vllm.general_plugins` entry point):
+
+    config.json         the full model's config, architectures ["OverFillForCausalLM"], and
+                        "overfill": {"decoder": {hidden_size, intermediate_size, ...}, "full": ref}
+    model.safetensors   the full model's tensors under `full.`, the decoder's under `decoder.`
+    tokenizer files, generation_config.json, chat template: the full model's
+
+    vllm serve DIR      # or: python -m vllm.entrypoints.openai.api_server --model DIR
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .errors import OverfillError
+from .files import check_output_dir
+
+DECODER_KEYS = ("hidden_size", "intermediate_size", "tie_word_embeddings")
+"""What the decoder's config may change from the full model's; the rest must be equal (the shared cache)."""
+
+
+@dataclass
+class ExportArgs:
+    decoder: str = field(metadata={"help": "an OverFill directory (overfill train --mode overfill)",
+                                   "positional": True})
+    out: str = field(metadata={"help": "directory to write"})
+    format: Literal["vllm"] = field(default="vllm", metadata={"help": "what to export for"})
+    full: str | None = field(default=None, metadata={"help": "full model (default: the one its overfill.json names)"})
+    tensor_parallel_size: int = field(default=1, metadata={
+        "help": "the TP size it will be served with: checked to divide the heads and widths of both models"})
+
+
+def vllm_config(full_config: dict, decoder_config: dict, full_ref: str) -> dict:
+    """The exported config.json: the full model's, plus what makes the decoder (errors where a vLLM
+    `OverFillForCausalLM` cannot serve the pair)."""
+    from .model import ModelArgs
+    from .two_stage import check_compatible
+
+    full, decoder = ModelArgs.from_hf(full_config), ModelArgs.from_hf(decoder_config)
+    problems = check_compatible(full, decoder)
+    for name in ("num_attention_heads", "model_type", "rms_norm_eps", "qkv_bias", "o_bias"):
+        if getattr(full, name) != getattr(decoder, name):
+            problems.append(f"{name}: full {getattr(full, name)!r} vs decoder {getattr(decoder, name)!r}"
+                            + (" (the vLLM pair shares one attention per layer)" if name == "num_attention_heads"
+                               else ""))
+    if full.model_type not in ("llama", "mistral"):
+        problems.append(f"model_type {full.model_type!r}: the vLLM export supports llama and mistral")
+    for config in (full_config, decoder_config):
+        if config.get("hidden_act", "silu") != "silu":
+            problems.append(f"hidden_act {config['hidden_act']!r}: only silu is supported")
+    if problems:
+        raise OverfillError("this pair cannot be exported for vLLM: " + "; ".join(problems))
+    config = dict(full_config)
+    config["architectures"] = ["OverFillForCausalLM"]
+    config["head_dim"] = full.head_dim
+    config["overfill"] = {"decoder": {"hidden_size": decoder.hidden_size,
+                                      "intermediate_size": decoder.intermediate_size,
+                                      "tie_word_embeddings": decoder.tie_word_embeddings},
+                          "full": full_ref, "format": 1}
+    return config
+
+
+def check_tensor_parallel(config: dict, tp: int) -> None:
+    if tp < 1:
+        raise OverfillError(f"--tensor-parallel-size must be >= 1, got {tp}")
+    widths = {"num_attention_heads": config["num_attention_heads"], "vocab_size": config["vocab_size"],
+              "full intermediate_size": config["intermediate_size"],
+              "decoder intermediate_size": config["overfill"]["decoder"]["intermediate_size"],
+              "full hidden_size": config["hidden_size"], "decoder hidden_size": config["overfill"]["decoder"]["hidden_size"]}
+    kv = config["num_key_value_heads"]
+    bad = [f"{name} {value}" for name, value in widths.items() if value % tp]
+    if kv % tp and tp % kv:
+        bad.append(f"num_key_value_heads {kv} (neither divides the other)")
+    if bad:
+        raise OverfillError(f"tensor parallel size {tp} does not divide: {', '.join(bad)}")
+
+
+def export_vllm(decoder_dir: str, out: str, full: str | None = None, tp: int = 1) -> Path:
+    from safetensors.torch import save_file
+
+    from .hub import resolve
+    from .model import load_state_dict, read_config
+    from .two_stage import CONFIG_NAME, read_config_file
+
+    decoder_path = Path(decoder_dir)
+    if not (decoder_path / CONFIG_NAME).is_file():
+        raise OverfillError(f"'{decoder_dir}' is not an OverFill directory (no {CONFIG_NAME}); train one with "
+                            f"`overfill train --mode overfill`")
+    pair = read_config_file(decoder_path / CONFIG_NAME)
+    if pair.layer_map is not None and pair.layer_map != list(range(len(pair.layer_map))):
+        raise OverfillError("the vLLM export does not support a depth-pruned decoder (layer_map) yet")
+    full_ref = full or pair.full
+    full_path = resolve(full_ref)
+    config = vllm_config(read_config(full_path), read_config(decoder_path), full_ref)
+    check_tensor_parallel(config, tp)
+    out_path = check_output_dir(out)
+    if out_path.resolve() in (full_path.resolve(), decoder_path.resolve()):
+        raise OverfillError(f"--out '{out}' is an input model directory; choose another")
+    if out_path.is_dir() and any(out_path.iterdir()):
+        raise OverfillError(f"--out '{out}' is not empty")
+    tensors = {f"full.{k}": v for k, v in load_state_dict(full_path).items()}
+    tensors |= {f"decoder.{k}": v for k, v in load_state_dict(decoder_path).items()}
+    out_path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    for name in sorted(p.name for p in full_path.iterdir()):
+        if name.endswith((".json", ".jinja", ".model", ".txt")) and name != "config.json" and \
+                not name.startswith("model.safetensors"):
+            shutil.copy2(full_path / name, out_path / name)
+    (out_path / "config.json").write_text(json.dumps(config, indent=2))
+    return out_path
+
+
+def export_command(args: ExportArgs) -> None:
+    out = export_vllm(args.decoder, args.out, args.full, args.tensor_parallel_size)
+    print(f"wrote {out}: serve it with `vllm serve {out}` (vLLM with overfill installed beside it)")

