@@ -25,10 +25,12 @@ from typing import Callable
 from .errors import OverfillError
 from .files import check_output_dir, write_text_atomic
 
-DEFAULT_TOKENS = 250_000
-"""Training tokens per decoder when neither --steps nor --tokens is given: the README's main job trains
-both decoders and evaluates them in about 20 minutes on a 2-core CPU, and this is the quality
-experiment's first budget point (docs/RESULTS.md), so its numbers can be checked against it."""
+DEFAULT_STEPS = 60
+"""Optimizer steps per decoder when neither --steps nor --tokens is given: 60 steps of 8 ShareGPT chats at
+--max-len 512 are about 220k tokens, near the quality experiment's first budget point (docs/RESULTS.md),
+and, unlike a --tokens budget, need only those chats tokenized. At the training speeds measured in
+benchmarks/train/ the README's main job (both decoders, evaluation, benchmark) then takes an estimated
+15-18 minutes on a 2-core CPU."""
 
 
 @dataclass
@@ -43,9 +45,9 @@ class BuildConfig:
     calibration_seq_len: int = field(default=256, metadata={"help": "tokens per calibration sequence"})
     data: str = field(default="sharegpt", metadata={"help": "training data (see `overfill train`)"})
     steps: int | None = field(default=None, metadata={
-        "help": "optimizer steps per trained model, instead of --tokens"})
+        "help": f"optimizer steps per trained model (default {DEFAULT_STEPS} when --tokens is not given)"})
     tokens: int | None = field(default=None, metadata={
-        "help": f"token budget per trained model, prompt + response (default {DEFAULT_TOKENS:,} unless --steps)"})
+        "help": "token budget per trained model (prompt + response) instead of --steps"})
     batch_size: int = field(default=8, metadata={"help": "examples per optimizer step"})
     max_len: int = field(default=512, metadata={"help": "tokens per training example"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
@@ -63,9 +65,7 @@ class BuildConfig:
     def __post_init__(self) -> None:
         from .train import step_budget
 
-        if self.steps is None and self.tokens is None:
-            self.tokens = DEFAULT_TOKENS
-        self.steps = step_budget(self.steps, self.tokens, 0)  # checked before any stage runs
+        self.steps = step_budget(self.steps, self.tokens, DEFAULT_STEPS)  # checked before any stage runs
 
 
 BuildArgs = BuildConfig

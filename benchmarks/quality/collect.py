@@ -147,6 +147,30 @@ def table(point: dict) -> str:
     return "\n".join(lines)
 
 
+MULTI_TOKEN_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande")
+"""The tasks whose answers are more than one token: there OverFill's score is the decoder's own (its first
+token is the full model's, which decides BoolQ's one-token answers and many of LAMBADA's)."""
+
+
+def summary_table(points_: list[dict]) -> str:
+    """One row per point: the averages, the closure on all 7 tasks and on the multi-token ones, chat."""
+    lines = ["| tokens per decoder | KD | steps | average: full / pruned / OverFill | closure | "
+             "closure, 5 multi-token tasks | chat ppl: pruned / OverFill (full {:.2f}) | top-1 agreement: pruned / "
+             "OverFill | machine |".format(points_[0]["chat"]["full"]["ppl"] if points_ else 0),
+             "|---:|---:|---:|---|---:|---:|---|---|---|"]
+    for p in points_:
+        a, c = p["average"], p["chat"]
+        multi = {k: sum(p["tasks"][t][k] for t in MULTI_TOKEN_TASKS) / len(MULTI_TOKEN_TASKS)
+                 for k in ("full", "pruned", "overfill")}
+        closure5 = closure(multi["full"], multi["pruned"], multi["overfill"])
+        fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+        lines.append(f"| {p['tokens']:,} | {p['kd_weight']:g} | {p['steps']} | {a['full']:.3f} / {a['pruned']:.3f} / "
+                     f"**{a['overfill']:.3f}** | {fmt(p['closure'])} | {fmt(closure5)} | {c['pruned']['ppl']:.0f} / "
+                     f"**{c['overfill']['ppl']:.0f}** | {c['pruned']['top1_agreement']:.3f} / "
+                     f"{c['overfill']['top1_agreement']:.3f} | {p['machine']} |")
+    return "\n".join(lines) + "\n"
+
+
 def plots(points_: list[dict], out: Path) -> None:
     import matplotlib
 
@@ -210,7 +234,7 @@ def collect(run: Path, out: Path) -> None:
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(record, indent=2))
-    (out / "quality_tables.md").write_text("\n".join(table(p) for p in found))
+    (out / "quality_tables.md").write_text(summary_table(found) + "\n" + "\n".join(table(p) for p in found))
     plots(found, out)
     print(f"{len(found)} points -> {out / 'quality.json'}")
     for p in found:
