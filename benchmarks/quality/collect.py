@@ -79,6 +79,13 @@ def answers(run: Path) -> None:
         print(f"answers {label} -> {out}")
 
 
+def machine(host: dict) -> str:
+    """The CPU an evaluation record ran on, as its host facts give it."""
+    if "cpu" not in host:
+        return MACHINE_BEFORE_ARCHIVE
+    return f"{host['cpus']}-core {host['cpu']}" + (f", {host['cuda']}" if host.get("cuda") else "")
+
+
 def archive_run(run: Path, archive: Path) -> None:
     """Copy the run's evaluation records, answers and snapshot states into the committed archive."""
     archive.mkdir(parents=True, exist_ok=True)
@@ -115,7 +122,7 @@ def point_record(archive: Path, label: str, tokens: int, kd: float, full: dict) 
               "tokens_seen": state["overfill"]["tokens"], "steps": state["overfill"]["step"],
               "train_seconds": {m: round(s["train_seconds"]) for m, s in state.items()},
               "eval_seconds": {"pruned": pruned["timings"]["total_s"], "overfill": overfill["timings"]["total_s"]},
-              "machine": overfill["timings"]["host"].get("cpu", MACHINE_BEFORE_ARCHIVE)}
+              "machine": machine(overfill["timings"]["host"])}
     if answers_file.is_file():
         full_answers = json.loads((archive / "answers-full.json").read_text())
         theirs = json.loads(answers_file.read_text())
