@@ -86,6 +86,7 @@ def export_vllm(decoder_dir: str, out: str, full: str | None = None, tp: int = 1
 
     from .hub import resolve
     from .model import load_state_dict, read_config
+    from .train import check_not_an_input
     from .two_stage import CONFIG_NAME, read_config_file
 
     decoder_path = Path(decoder_dir)
@@ -100,8 +101,7 @@ def export_vllm(decoder_dir: str, out: str, full: str | None = None, tp: int = 1
     config = vllm_config(read_config(full_path), read_config(decoder_path), full_ref)
     check_tensor_parallel(config, tp)
     out_path = check_output_dir(out)
-    if out_path.resolve() in (full_path.resolve(), decoder_path.resolve()):
-        raise OverfillError(f"--out '{out}' is an input model directory; choose another")
+    check_not_an_input(out_path, {"--full": str(full_path), "DECODER": str(decoder_path)})
     if out_path.is_dir() and any(out_path.iterdir()):
         raise OverfillError(f"--out '{out}' is not empty")
     tensors = {f"full.{k}": v for k, v in load_state_dict(full_path).items()}

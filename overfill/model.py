@@ -343,14 +343,9 @@ def causal_mask(key_valid: Tensor, query_slots: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------- loading / saving
 
 def read_config(path: str | os.PathLike) -> dict:
-    config = Path(path) / "config.json"
-    try:
-        values = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
-        raise OverfillError(f"cannot read {config}: {e}") from None
-    if not isinstance(values, dict):
-        raise OverfillError(f"{config} must hold a JSON object, got {type(values).__name__}")
-    return values
+    from .files import read_json_object
+
+    return read_json_object(Path(path) / "config.json")
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
