@@ -156,7 +156,8 @@ def summary(results: list[Result], wall: float, concurrency: int, server_stats: 
                       "p95": round(percentile(latencies, 95), 3) if latencies else None},
         "ttft_s": {"p50": round(percentile(ttfts, 50), 3) if ttfts else None,
                    "p95": round(percentile(ttfts, 95), 3) if ttfts else None},
-        "server_mean_batch": round(server_stats["mean_batch"], 2), "server_decode_steps": server_stats["steps"],
+        "server_mean_batch": None if server_stats["mean_batch"] is None else round(server_stats["mean_batch"], 2),
+        "server_decode_steps": server_stats["steps"],
     }
 
 

@@ -40,7 +40,7 @@ import torch
 
 from .errors import OverfillError
 from .files import check_output_file
-from .device import default_dtype, pick_device
+from .device import INFERENCE_PRECISION_HELP, inference_precision, pick_device
 from .generate import BatchDecoder, SamplingParams
 from .model import ModelArgs, Transformer, from_state_dict, load_model, read_config
 from .two_stage import TwoStageConfig, TwoStageModel
@@ -81,8 +81,8 @@ class BenchArgs:
         "help": "KV cache of transformers' generate() (static: also compiles on a GPU)"})
     repeats: int = field(default=3, metadata={"help": "timed runs of every system"})
     warmup: int = field(default=1, metadata={"help": "untimed runs first (compilation happens here)"})
-    dtype: Literal["auto", "float32", "bfloat16"] = field(default="auto", metadata={
-        "help": "weights and cache (auto: bfloat16 on a GPU, float32 on a CPU)"})
+    precision: Literal["default", "auto", "fp32", "bf16"] = field(default="default", metadata={
+        "help": INFERENCE_PRECISION_HELP})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, ... (auto: cuda if available)"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: its default)"})
     seed: int = field(default=0, metadata={"help": "seed of the random prompts and weights"})
@@ -543,17 +543,18 @@ def _save(fig, path: Path) -> Path:
 
 def bench_command(args: BenchArgs) -> None:
     device = pick_device(args.device)
-    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     engines = list(args.engine) or ["compiled" if device.type == "cuda" else "eager"]
     systems = list(args.systems) or [s for s in SYSTEMS if s != "reference" or args.shapes != "checkpoint"]
     _check(args, systems, engines)
     check_output_file(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
+    precision = inference_precision(args.precision, device)  # after the threads: a CPU probe depends on them
+    dtype = precision.dtype
     if "compiled" in engines:  # every model x batch x cache length is one more static-shape compile
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     suite = load_suite(args, systems, device, dtype)
-    result = run_bench(suite, args, device, systems, engines)
+    result = run_bench(suite, args, device, systems, engines) | precision.as_dict()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

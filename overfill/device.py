@@ -1,9 +1,12 @@
 """Device and precision selection: the one place that decides where and in what dtype we compute.
 
-The precision policy (`--precision auto|fp32|bf16`): `auto` is bf16 where the device has native
-bf16 matrix units (any CUDA GPU with bf16 support; a CPU with AMX-BF16 or AVX512-BF16) and fp32
-elsewhere. On a CPU without them, bf16 products are emulated and slower than fp32, so `auto`
-never picks bf16 there. The reason is reported, since the CPU model changes between machines.
+The precision policy (`--precision auto|fp32|bf16`): `auto` is bf16 where bf16 products are
+faster than fp32 and fp32 elsewhere. On CUDA that is any GPU with bf16 support. On a CPU the flags
+are necessary but not sufficient: an AVX512-BF16 EPYC trained 1.9x faster in bf16, an AMX Xeon
+ran bf16 products 7x faster, but a Xeon with AVX512-BF16 and no AMX ran them 0.78x as fast as
+fp32 (and trained 1.85x slower). So on a CPU with bf16 flags `auto` times one matrix product in
+both dtypes (about 0.1 s, once per process) and takes bf16 only where it wins by
+`CPU_BF16_MIN_SPEEDUP`. The reason is reported, since the CPU model changes between machines.
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo names, best first
-AUTO_PRECISION_HELP = ("auto: bf16 where the device has native bf16 matrix units (CUDA, AMX or AVX512-BF16 CPUs), "
-                       "else fp32")
+CPU_BF16_MIN_SPEEDUP = 1.1  # bf16 / fp32 products per second that `auto` needs on a CPU
+AUTO_PRECISION_HELP = ("auto: bf16 where bf16 products are faster than fp32 (CUDA; a CPU with AMX or AVX512-BF16 "
+                       "where a timed product confirms it), else fp32")
 
 
 def pick_device(name: str) -> torch.device:
@@ -84,10 +88,35 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
         return ok, f"CUDA {torch.cuda.get_device_name(device)}: bf16 {'supported' if ok else 'not supported'}"
     if device.type == "cpu":
         found = [f for f in CPU_BF16_FLAGS if f in cpu_flags()]
-        if found:
-            return True, f"CPU {cpu_model()} has {', '.join(found)}"
-        return False, f"CPU {cpu_model()} has neither {' nor '.join(CPU_BF16_FLAGS)}"
+        if not found:
+            return False, f"CPU {cpu_model()} has neither {' nor '.join(CPU_BF16_FLAGS)}"
+        speedup = cpu_bf16_speedup(torch.get_num_threads())
+        verdict = "faster" if speedup >= CPU_BF16_MIN_SPEEDUP else "not faster"
+        return (speedup >= CPU_BF16_MIN_SPEEDUP,
+                f"CPU {cpu_model()} has {', '.join(found)}; a bf16 product ran {speedup:.2f}x fp32 ({verdict})")
     return False, f"device type {device.type}: bf16 support unknown"
+
+
+@functools.cache
+def cpu_bf16_speedup(threads: int, rounds: int = 3) -> float:
+    """bf16 over fp32 speed of a training-sized product (`[512, 576] @ [576, 1536]`) on this CPU.
+
+    The two dtypes alternate and each keeps its best round, so a busy machine slows both alike.
+    `threads` is part of the cache key: the ratio depends on it.
+    """
+    import time
+
+    a, b = torch.randn(512, 576), torch.randn(576, 1536)
+    operands = {dtype: (a.to(dtype), b.to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
+    best = {dtype: float("inf") for dtype in operands}
+    for _ in range(rounds):
+        for dtype, (x, y) in operands.items():
+            x @ y  # warm-up: oneDNN picks and caches its kernel on the first call
+            start = time.perf_counter()
+            for _ in range(4):
+                x @ y
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] / best[torch.bfloat16]
 
 
 def resolve_precision(precision: str, device: torch.device) -> PrecisionChoice:
@@ -97,13 +126,28 @@ def resolve_precision(precision: str, device: torch.device) -> PrecisionChoice:
     native, evidence = native_bf16(device)
     if precision == "auto":
         return PrecisionChoice("bf16" if native else "fp32", f"auto: {evidence}")
-    note = "" if precision == "fp32" or native else " (emulated: expect it slower than fp32)"
+    note = "" if precision == "fp32" or native else " (expect it slower than fp32 here)"
     return PrecisionChoice(precision, f"asked for; {evidence}{note}")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """Inference dtype where no precision was asked for: bf16 on GPU, fp32 on CPU."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+INFERENCE_PRECISIONS = ("default",) + PRECISIONS
+INFERENCE_PRECISION_HELP = ("weights and KV cache: default (bf16 on CUDA, fp32 on a CPU: a decode step is memory-bound "
+                            "and bf16 halves its bytes, but prefill is compute-bound), or " + AUTO_PRECISION_HELP)
+
+
+def inference_precision(precision: str, device: torch.device) -> PrecisionChoice:
+    """Generation's dtype (`generate`, `bench`, `serve`): `default` keeps the engine defaults, else the policy."""
+    if precision == "default":
+        return PrecisionChoice("bf16" if default_dtype(device) == torch.bfloat16 else "fp32",
+                               f"default for {device.type}")
+    if precision not in INFERENCE_PRECISIONS:
+        raise OverfillError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got '{precision}'")
+    return resolve_precision(precision, device)
 
 
 def describe_machine(device: torch.device) -> dict:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import functools
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor
 
 from .errors import OverfillError
-from .device import default_dtype, pick_device
+from .device import INFERENCE_PRECISION_HELP, inference_precision, pick_device
 from .kv_cache import KVCache
 from .model import Transformer, causal_mask, positions_from_padding
 from .two_stage import TwoStageModel
@@ -367,6 +367,8 @@ class GenerateArgs:
     refresh_every: int | None = field(default=None, metadata={
         "help": "let the full model re-process every K decoded tokens (default: the decoder's setting)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, ... (auto: cuda if available)"})
+    precision: Literal["default", "auto", "fp32", "bf16"] = field(default="default", metadata={
+        "help": INFERENCE_PRECISION_HELP})
 
 
 def generate_command(args: GenerateArgs) -> None:
@@ -375,7 +377,8 @@ def generate_command(args: GenerateArgs) -> None:
                             list(args.stop)).validate()
     if args.refresh_every is not None and args.refresh_every < 0:
         raise OverfillError("--refresh-every must be >= 0")
-    model = TwoStageModel.from_refs(args.full, args.decoder, dtype=default_dtype(device), device=device)
+    dtype = inference_precision(args.precision, device).dtype
+    model = TwoStageModel.from_refs(args.full, args.decoder, dtype=dtype, device=device)
     prompt: str | list[dict] = args.prompt
     if not args.raw and args.system is not None:
         prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": args.prompt}]

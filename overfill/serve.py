@@ -65,7 +65,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from .errors import OverfillError
-from .device import AUTO_PRECISION_HELP, default_dtype, pick_device, resolve_precision
+from .device import INFERENCE_PRECISION_HELP, inference_precision, pick_device
 from .generate import SamplingParams, TextState, decode_step, encode, prefill, refresh, sample
 from .kv_cache import KVCache
 from .model import positions_from_padding
@@ -1087,14 +1087,12 @@ class ServeArgs:
         "help": "let the full model re-process every K decoded tokens (default: the decoder's setting)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, ... (auto: cuda if available)"})
     precision: Literal["default", "auto", "fp32", "bf16"] = field(default="default", metadata={
-        "help": f"weights and KV cache: default (bf16 on CUDA, fp32 on a CPU), or {AUTO_PRECISION_HELP}"})
+        "help": INFERENCE_PRECISION_HELP})
 
 
 def inference_dtype(precision: str, device):
-    """The serving dtype: `default` keeps the measured engine defaults; otherwise the precision policy."""
-    if precision == "default":
-        return default_dtype(device)
-    choice = resolve_precision(precision, device)
+    """The serving dtype, logged with its reason."""
+    choice = inference_precision(precision, device)
     log.info("precision %s (%s)", choice.name, choice.reason)
     return choice.dtype
 

@@ -129,6 +129,23 @@ def test_bench_command_writes_consistent_results(tmp_path):
     assert not (out.parent / "bench_prompt_len.png").exists()  # not swept
 
 
+def test_bench_in_bf16_records_the_precision_and_halves_the_bytes(tmp_path):
+    tiny_hf_model("llama").save_pretrained(tmp_path / "full")
+    runs = {}
+    for precision in ("default", "bf16"):
+        out = tmp_path / f"{precision}.json"
+        bench_command(BenchArgs(full=str(tmp_path / "full"), prompt_len=[6], output_len=[3], systems=["full", "hf"],
+                                refresh_every=[], repeats=1, warmup=0, precision=precision, out=str(out),
+                                plots=False))
+        runs[precision] = json.loads(out.read_text())
+    assert runs["default"]["precision"] == "fp32" and runs["bf16"]["precision"] == "bf16"
+    assert "asked for" in runs["bf16"]["precision_reason"]
+    fp32, bf16 = runs["default"]["models"]["full"], runs["bf16"]["models"]["full"]
+    assert bf16["dtype"] == "torch.bfloat16"
+    assert 2 * bf16["weight_bytes_per_step"] == fp32["weight_bytes_per_step"]
+    assert 2 * bf16["kv_bytes_per_token"] == fp32["kv_bytes_per_token"]
+
+
 def test_bad_input_is_a_clear_error(tmp_path):
     tiny_hf_model("llama").save_pretrained(tmp_path / "full")
     base = dict(full=str(tmp_path / "full"), out=str(tmp_path / "b.json"), systems=["full"])

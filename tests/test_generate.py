@@ -176,3 +176,22 @@ def test_asking_for_a_missing_gpu_is_a_clear_error():
             pick_device("cuda")
     with pytest.raises(OverfillError, match="bad device"):
         pick_device("floppy")
+
+
+def test_generate_command_decodes_in_the_precision_asked_for(tmp_path, capsys, monkeypatch):
+    from overfill import two_stage
+    from overfill.cli import main
+    from test_train import save_tiny
+
+    full = save_tiny(tmp_path / "full", seed=0)
+    loaded = []
+    real = two_stage.TwoStageModel.from_refs
+    monkeypatch.setattr(two_stage.TwoStageModel, "from_refs",
+                        classmethod(lambda cls, *a, **k: loaded.append(k["dtype"]) or real(*a, **k)))
+    for precision in ("default", "fp32", "bf16"):
+        main(["generate", "--full", str(full), "--max-new-tokens", "3", "--raw", "--precision", precision, "w1 w2"])
+    assert loaded == [torch.float32, torch.float32, torch.bfloat16]
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--full", str(full), "--precision", "fp16", "w1"])
+    assert e.value.code == 2 and "fp16" in capsys.readouterr().err

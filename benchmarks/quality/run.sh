@@ -12,7 +12,8 @@
 # the budget points are snapshots of those two runs at 0.25M / 0.5M / 1M / 1.5M / 4M tokens. The KD
 # ablation trains both modes again to 1.5M tokens with --kd-weight 0.5. Every point is evaluated
 # on the default suite (1,000 documents per task, all of a smaller task) and 200 held-out chats,
-# in bf16 (on a CPU with AVX512-BF16 or AMX; `--precision auto` elsewhere), one torch thread per
+# in the precision `--precision auto` picks (bf16 where a timed bf16 product beats fp32, as on the
+# AMX Xeon and the AVX512-BF16 EPYC that made the committed points; PRECISION=bf16 forces it), one torch thread per
 # process so that the two trainings share a 2-core machine evenly.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,6 +23,7 @@ FULL=smollm2-135m-instruct
 BUDGETS="250000 500000 1000000 1500000 4000000"
 MODES=${MODES:-"overfill pruned"}
 KD_BUDGET=1500000
+PRECISION=${PRECISION:-auto}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$RUN/eval" "$RUN/logs"
 has() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
@@ -32,7 +34,7 @@ train() {  # mode out tokens kd snapshots...
   [ -f "$out/summary.json" ] && return 0
   overfill train --full $FULL --decoder "$RUN/pruned" --data sharegpt --mode "$mode" --out "$out" \
     --tokens "$tokens" --snapshots "$@" --kd-weight "$kd" --batch-size 8 --grad-accum 2 --lr 3e-4 \
-    --warmup 30 --max-len 512 --precision bf16 --checkpoint-every 25 --keep 2 --eval-every 100 \
+    --warmup 30 --max-len 512 --precision "$PRECISION" --checkpoint-every 25 --keep 2 --eval-every 100 \
     --val-examples 200 --resume > "$RUN/logs/$(basename "$out").log" 2>&1
 }
 
@@ -41,7 +43,7 @@ evaluate() {  # name mode [decoder]
   [ -f "$RUN/eval/$name.json" ] && return 0
   stamp "eval $name"
   overfill eval --full $FULL ${decoder:+--decoder "$decoder"} --mode "$mode" --limit 1000 --chat-examples 200 \
-    --precision bf16 --out "$RUN/eval/$name.json" > "$RUN/logs/eval-$name.log" 2>&1
+    --precision "$PRECISION" --out "$RUN/eval/$name.json" > "$RUN/logs/eval-$name.log" 2>&1
   stamp "eval $name done"
 }
 

@@ -7,7 +7,8 @@ Per dtype, three servers run at once on loopback (vLLM on the full model; vLLM o
 `overfill export` writes; `overfill serve` on the pair); for each concurrency, the same greedy
 chat requests (ShareGPT first turns, `ignore_eos` so that every system generates exactly
 --max-tokens tokens) go to each server in turn, one server at a time, so machine noise hits all
-alike. Each server gets --threads torch threads; the client runs beside them. vLLM runs from its
+alike. `server_mean_batch` is rows per decode step for `overfill serve` and tokens per engine
+step (prefill chunks included) for vLLM. Each server gets --threads torch threads; the client runs beside them. vLLM runs from its
 own environment (`scripts/test_vllm.sh` makes `.venv-vllm`).
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ SYSTEMS = ("vllm-full", "vllm-overfill", "overfill-serve")
 def vllm_command(python: str, model: str, port: int, dtype: str, max_seqs: int) -> list[str]:
     return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", MODEL_NAME,
             "--port", str(port), "--host", "127.0.0.1", "--dtype", dtype, "--max-model-len", "2048",
-            "--max-num-seqs", str(max_seqs), "--disable-log-requests"]
+            "--max-num-seqs", str(max_seqs)]
 
 
 def overfill_command(full: str, decoder: str, port: int, dtype: str, max_seqs: int) -> list[str]:
@@ -67,9 +68,41 @@ def start(commands: dict[str, list[str]], threads: int, logs: Path, timeout: flo
         log = logs / f"{name}.log"
         servers[name] = (subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT),
                          f"http://127.0.0.1:{port}", log)
-    for process, base, log in servers.values():
-        wait_ready(base, process, log, timeout)
+    try:
+        for process, base, log in servers.values():
+            wait_ready(base, process, log, timeout)
+    except BaseException:
+        stop(servers)
+        raise
     return servers
+
+
+def stop(servers: dict[str, tuple]) -> None:
+    for process, _, _ in servers.values():
+        process.terminate()
+    for process, _, _ in servers.values():
+        process.wait(60)
+
+
+def server_counters(system: str, base: str) -> dict:
+    """Engine steps and the rows they decoded so far: `overfill serve`'s /health, or vLLM's
+    Prometheus histogram of tokens per engine step (prefill tokens included)."""
+    if system == "overfill-serve":
+        health = httpx.get(base + "/health", timeout=30).json()
+        return {"steps": health["steps"], "rows": health["row_steps"]}
+    counters = {"steps": 0.0, "rows": 0.0}
+    for line in httpx.get(base + "/metrics", timeout=30).text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name == "vllm:iteration_tokens_total_count":
+            counters["steps"] += float(line.rsplit(" ", 1)[1])
+        elif name == "vllm:iteration_tokens_total_sum":
+            counters["rows"] += float(line.rsplit(" ", 1)[1])
+    return counters
+
+
+def counters_delta(now: dict, before: dict) -> dict:
+    steps = now["steps"] - before["steps"]
+    return {"steps": steps, "mean_batch": (now["rows"] - before["rows"]) / steps if steps else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,18 +142,16 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.run(run_pass(base + "/v1", prompts[:2], 1, 8))
             for concurrency in args.concurrency:
                 for name, (_, base, _) in servers.items():
+                    before = server_counters(name, base)
                     out, wall = asyncio.run(run_pass(base + "/v1", prompts, concurrency, args.max_tokens,
                                                      extra_body={"ignore_eos": True}))
-                    row = {"dtype": dtype, "system": name, **summary(out, wall, concurrency,
-                                                                     {"mean_batch": 0.0, "steps": None})}
+                    row = {"dtype": dtype, "system": name,
+                           **summary(out, wall, concurrency, counters_delta(server_counters(name, base), before))}
                     results["runs"].append(row)
                     print(f"[{dtype}] c={concurrency} {name}: {row['completion_tokens_per_s']} tok/s, "
                           f"errors {row['errors']}", flush=True)
         finally:
-            for process, _, _ in servers.values():
-                process.terminate()
-            for process, _, _ in servers.values():
-                process.wait(60)
+            stop(servers)
     results["ratios"] = ratios(results["runs"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
