@@ -1,6 +1,6 @@
 """Greedy agreement of bf16 decoding with fp32: the first --tokens tokens of --prompts real chats.
 
-    python benchmarks/latency/bf16_agreement.py [--decoder DIR] [--out benchmarks/latency/results/bf16_agreement.json]
+    python -m benchmarks.latency.bf16_agreement [--decoder DIR] [--out benchmarks/latency/results/bf16_agreement.json]
 
 Our engine (`BatchDecoder`, one prompt at a time so padding plays no part), greedy, EOS ignored,
 the same ShareGPT first turns under the chat template, in fp32 and in bf16 (weights and KV
