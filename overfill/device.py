@@ -5,7 +5,7 @@ faster than fp32 and fp32 elsewhere. On CUDA that is any GPU with bf16 support. 
 are necessary but not sufficient: an AVX512-BF16 EPYC trained 1.9x faster in bf16, an AMX Xeon
 ran bf16 products 7x faster, but a Xeon with AVX512-BF16 and no AMX ran them 0.78x as fast as
 fp32 (and trained 1.85x slower). So on a CPU with bf16 flags `auto` times one matrix product in
-both dtypes (about 0.1 s, once per process) and takes bf16 only where it wins by
+both dtypes (about 0.3 s, once per process) and takes bf16 only where it wins by
 `CPU_BF16_MIN_SPEEDUP`. The reason is reported, since the CPU model changes between machines.
 """
 from __future__ import annotations
@@ -120,7 +120,7 @@ def cpu_bf16_speedup(threads: int, rounds: int = 3) -> float:
 
 
 def resolve_precision(precision: str, device: torch.device) -> PrecisionChoice:
-    """The policy: auto -> bf16 where native, else fp32; fp32/bf16 as asked (bf16 warned where emulated)."""
+    """The policy: auto -> bf16 where it is faster, else fp32; fp32/bf16 as asked (slow bf16 flagged)."""
     if precision not in PRECISIONS:
         raise OverfillError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     native, evidence = native_bf16(device)
