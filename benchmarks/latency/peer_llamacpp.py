@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from overfill.bench import (Contender, Suite, Timing, _time_round_robin, floor_seconds, kv_bytes_per_token,
+from overfill.bench import (Contender, Suite, Timing, _ratio, _time_round_robin, floor_seconds, kv_bytes_per_token,
                             machine, measure_bandwidth, summarize, time_engine, weight_bytes_per_step)
 from overfill.device import describe_machine
 from overfill.model import load_model
@@ -69,7 +69,7 @@ class LlamaCpp:
 
 def lineup(args, models: dict, batch: int, n_ctx: int) -> list[Contender]:
     out = []
-    for precision, dtype in PRECISIONS.items():
+    for precision in PRECISIONS:
         full, decoder = models[precision]
         suite = Suite(full, decoder, pad_id=0)
         if batch == 1:
@@ -83,13 +83,6 @@ def lineup(args, models: dict, batch: int, n_ctx: int) -> list[Contender]:
             out.append(Contender(f"ours {name} {OURS[precision]}", name, "ours (compiled)", 0, run,
                                  two_stage.decoder, two_stage.full))
     return out
-
-
-def ratio(runs: dict, slow: str, fast: str, key: str) -> dict | None:
-    if slow not in runs or fast not in runs:
-        return None
-    r = np.array(runs[slow]["per_repeat"][key]) / np.array(runs[fast]["per_repeat"][key])
-    return {"median": float(np.median(r)), "min": float(r.min()), "max": float(r.max())}
 
 
 RATIOS = {  # name: (slow, fast, key); > 1 means `fast` is faster
@@ -200,7 +193,7 @@ def main() -> None:
         result["configs"].append({"prompt_len": prompt_len, "output_len": output_len, "batch_size": batch,
                                   "runs": runs, "agreement": agreement(timings) if batch == 1 else {},
                                   "ratios": {k: r for k, (s, f, key) in RATIOS.items()
-                                             if (r := ratio(runs, s, f, key))}})
+                                             if (r := _ratio(runs, s, f, key))}})
         del contenders  # frees the llama.cpp contexts before the next shape
         progress.update()
     progress.close()

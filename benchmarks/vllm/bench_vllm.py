@@ -8,8 +8,8 @@ Per dtype, three servers run at once on loopback (vLLM on the full model; vLLM o
 chat requests (ShareGPT first turns, `ignore_eos` so that every system generates exactly
 --max-tokens tokens) go to each server in turn, one server at a time, so machine noise hits all
 alike. `server_mean_batch` is rows per decode step for `overfill serve` and tokens per engine
-step (prefill chunks included) for vLLM. Each server gets --threads torch threads; the client runs beside them. vLLM runs from its
-own environment (`scripts/test_vllm.sh` makes `.venv-vllm`).
+step (prefill chunks included) for vLLM. Each server gets --threads torch threads; the client
+runs beside them. vLLM runs from its own environment (`scripts/test_vllm.sh` makes `.venv-vllm`).
 """
 from __future__ import annotations
 
