@@ -162,7 +162,48 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class Attention(nn.Module):
+class Fusable(nn.Module):
+    """A module whose input projections can run as one product at inference (gpt-fast's fused QKV).
+
+    `fuse()` concatenates the weights (and biases) of `PROJECTIONS` into one non-persistent
+    buffer and makes each projection's parameter data a view of it: the HF names, the
+    parameter objects, the state dict and in-place updates stay as they are, and a decode
+    step reads the rows in one kernel. The fused product runs only without autograd (the
+    buffer has no gradient); moving the module (`.to()`) rebuilds it from the moved parameters.
+    """
+    PROJECTIONS: tuple[str, ...] = ()
+
+    def fuse(self) -> None:
+        projections = [getattr(self, name) for name in self.PROJECTIONS]
+        self.fused_sizes = [p.out_features for p in projections]
+        for kind in ("weight", "bias"):
+            parts = [getattr(p, kind) for p in projections]
+            fused = None if parts[0] is None else torch.cat([t.detach() for t in parts])  # [sum of outs, ...]
+            self.register_buffer(f"fused_{kind}", fused, persistent=False)
+            if fused is not None:
+                for part, view in zip(parts, fused.split(self.fused_sizes)):
+                    part.data = view
+
+    @property
+    def is_fused(self) -> bool:
+        return getattr(self, "fused_weight", None) is not None
+
+    def projections(self, x: Tensor) -> tuple[Tensor, ...]:
+        """Each of `PROJECTIONS` applied to x: one fused product where possible."""
+        if self.is_fused and not torch.is_grad_enabled():
+            return F.linear(x, self.fused_weight, self.fused_bias).split(self.fused_sizes, dim=-1)
+        return tuple(getattr(self, name)(x) for name in self.PROJECTIONS)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.is_fused:  # the parameters were converted one by one and share nothing now
+            self.fuse()
+        return self
+
+
+class Attention(Fusable):
+    PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         d, hd = args.hidden_size, args.head_dim
@@ -179,9 +220,10 @@ class Attention(nn.Module):
                 layer: int, slots: Tensor | None, kv_len: int | None, shared_kv: tuple | None,
                 prefix_kv: KVCache | None = None) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = self.projections(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -222,7 +264,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         return torch.bmm(scores.softmax(-1), v.reshape(B * H, S, D)).view(B, H, T, D)
 
 
-class MLP(nn.Module):
+class MLP(Fusable):
+    PROJECTIONS = ("gate_proj", "up_proj")
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
@@ -230,7 +274,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.projections(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -308,6 +353,13 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.model.norm(x)
+
+    def fuse_projections(self) -> "Transformer":
+        """For inference: q/k/v and gate/up each as one product (see `Fusable`); idempotent."""
+        for module in self.modules():
+            if isinstance(module, Fusable) and not module.is_fused:
+                module.fuse()
+        return self
 
     def num_bytes(self) -> int:
         """Bytes of the distinct weights (tied embeddings counted once)."""
@@ -405,6 +457,10 @@ def from_state_dict(args: ModelArgs, state: dict[str, Tensor], dtype: torch.dtyp
     return model.to(device=device, dtype=dtype or next(iter(state.values())).dtype).eval()
 
 
+def _own_storage(t: Tensor) -> Tensor:
+    return t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
+
+
 def save_model(model: Transformer, out: str | os.PathLike, config_from: str | os.PathLike) -> None:
     """Write a HF-loadable directory: weights from `model`, config (and tokenizer) from `config_from`."""
     import shutil
@@ -413,7 +469,8 @@ def save_model(model: Transformer, out: str | os.PathLike, config_from: str | os
 
     out, src = Path(out), Path(config_from)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # Fused projections are views of one buffer; safetensors wants tensors with storages of their own.
+    state = {k: _own_storage(v.detach().contiguous().cpu()) for k, v in model.state_dict().items()}
     if model.args.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     tmp = out / "model.safetensors.tmp"

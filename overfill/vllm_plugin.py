@@ -17,11 +17,16 @@ The two sides have different hidden widths, so `forward` returns rows of width D
 decoder's rows are zero-padded and the last column flags the side; `compute_logits`, which gets
 the rows vLLM samples from, applies each side's final LM head to its own rows.
 
+A batch whose tokens are all on one side (at steady state, pure decode: all the decoder's) skips the
+gathers and runs that side's pass, which vLLM compiles (`support_torch_compile`, as for its Llama); a
+batch that mixes the sides runs eagerly.
+
 Prefix caching is turned off: vLLM also caches blocks of generated tokens, and a later chat turn
 would then reuse decoder-written K/V as if the full model had prefilled it.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 
@@ -41,13 +46,22 @@ class _Route:
     """Which of the batch's tokens the full model computes, set by the model runner before each forward."""
 
     full_rows: torch.Tensor | None = None  # [N] bool, None: all tokens to the full model (vLLM's dummy runs)
+    only: str | None = None  # "full" or "decoder" when every token goes to that side, known on the host
+
+    def set(self, full_rows: torch.Tensor | None, device: torch.device | None = None) -> None:
+        """full_rows [N] bool, on the host (so that `only` costs no device sync), kept on `device`."""
+        self.full_rows, self.only = None, None
+        if full_rows is not None:
+            n_full = int(full_rows.sum())
+            self.only = "full" if n_full == full_rows.shape[0] else "decoder" if n_full == 0 else None
+            self.full_rows = full_rows.to(device)
 
 
 ROUTE = _Route()
 
 
 def prompt_token_mask(positions: torch.Tensor, query_start_loc: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
-    """[N] bool: token t is a prompt token of its request, i.e. its position is below that request's prompt length.
+    """[N] bool, on the host: token t is a prompt token of its request, i.e. its position is below that request's prompt length.
 
     positions [N] (N may include padding after the scheduled tokens), query_start_loc [R + 1] (the
     requests' token ranges in batch order), prompt_lens [R]. Padding rows count as prompt tokens.
@@ -57,7 +71,7 @@ def prompt_token_mask(positions: torch.Tensor, query_start_loc: torch.Tensor, pr
     mask = torch.ones(positions.shape[0], dtype=torch.bool)
     n = per_token.shape[0]
     mask[:n] = positions[:n].cpu() < per_token
-    return mask.to(positions.device)
+    return mask
 
 
 def _patch_model_runner() -> None:
@@ -72,13 +86,13 @@ def _patch_model_runner() -> None:
     def _model_forward(self, input_ids=None, positions=None, *args, **kwargs):
         if getattr(self.model, "overfill", False) and positions is not None:
             num_reqs = self.input_batch.num_reqs
-            ROUTE.full_rows = prompt_token_mask(
-                positions, self.query_start_loc.cpu[: num_reqs + 1],
-                torch.from_numpy(self.input_batch.num_prompt_tokens[:num_reqs].copy()))
+            ROUTE.set(prompt_token_mask(positions, self.query_start_loc.cpu[: num_reqs + 1],
+                                        torch.from_numpy(self.input_batch.num_prompt_tokens[:num_reqs].copy())),
+                      positions.device)
         try:
             return original(self, input_ids, positions, *args, **kwargs)
         finally:
-            ROUTE.full_rows = None
+            ROUTE.set(None)
 
     _model_forward._overfill = True
     GPUModelRunner._model_forward = _model_forward
@@ -151,9 +165,13 @@ class Projections(nn.Module):
 
 
 class Side(nn.Module):
-    """One model of the pair, HF parameter names below `full.` / `decoder.` (vLLM's packed q/k/v, gate/up)."""
+    """One model of the pair, HF parameter names below `full.` / `decoder.` (vLLM's packed q/k/v, gate/up).
 
-    def __init__(self, vllm_config, config, prefix: str):
+    Its forward (`pass_over`) is the plain Llama pass of a batch whose tokens are all its own, over the
+    pair's shared attention layers (held, not owned: they belong to the pair, as does the one cache).
+    """
+
+    def __init__(self, *, vllm_config, config, prefix: str, shared_attn: nn.ModuleList):
         from vllm.model_executor.layers.layernorm import RMSNorm
         from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
         from vllm.model_executor.models.llama import LlamaMLP
@@ -161,6 +179,7 @@ class Side(nn.Module):
         super().__init__()
         quant = vllm_config.quant_config
         self.config = config
+        object.__setattr__(self, "shared_attn", shared_attn)  # not a submodule: registered once, by the pair
         self.model = nn.Module()
         self.model.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant)
         self.model.layers = nn.ModuleList()
@@ -179,6 +198,42 @@ class Side(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
 
+    def pass_over(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [N, D_side] of N tokens that all belong to this side."""
+        x, residual = self.model.embed_tokens(input_ids), None  # [N, D_side]
+        for layer, attn in zip(self.model.layers, self.shared_attn):
+            if residual is None:
+                residual, h = x, layer.input_layernorm(x)
+            else:
+                h, residual = layer.input_layernorm(x, residual)
+            o, _ = layer.self_attn.o_proj(attn(*layer.self_attn.qkv(positions, h)))
+            h, residual = layer.post_attention_layernorm(o, residual)
+            x = layer.mlp(h)
+        final, _ = self.model.norm(x, residual)
+        return final
+
+
+@functools.cache
+def _compiled_sides() -> tuple[type, type]:
+    """The two sides as vLLM-compiled classes (vLLM's `support_torch_compile`, as its Llama uses), so that
+    one-side batches, pure decode among them, run a compiled graph: mixed batches stay eager. Each side is
+    a class of its own, with its own `forward`, because vLLM keys its compile cache on the forward's name."""
+    from vllm.compilation.decorators import support_torch_compile
+
+    dims = {"input_ids": 0, "positions": 0}
+
+    @support_torch_compile(dynamic_arg_dims=dims)
+    class FullSide(Side):
+        def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return self.pass_over(input_ids, positions)
+
+    @support_torch_compile(dynamic_arg_dims=dims)
+    class DecoderSide(Side):
+        def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return self.pass_over(input_ids, positions)
+
+    return FullSide, DecoderSide
+
 
 class OverFillForCausalLM(nn.Module):
     """vLLM model class of an exported OverFill directory (see the module docstring)."""
@@ -194,10 +249,10 @@ class OverFillForCausalLM(nn.Module):
         super().__init__()
         if get_pp_group().world_size > 1:
             raise ValueError("OverFillForCausalLM does not support pipeline parallelism")
+        from vllm.compilation.backends import set_model_tag
+
         config = vllm_config.model_config.hf_config
         self.config = config
-        self.full = Side(vllm_config, side_config(config, "full"), "full")
-        self.decoder = Side(vllm_config, side_config(config, "decoder"), "decoder")
         tp = get_tensor_model_parallel_world_size()
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.attn = nn.ModuleList(
@@ -205,6 +260,13 @@ class OverFillForCausalLM(nn.Module):
                       cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config,
                       prefix=f"layers.{i}.attn")
             for i in range(config.num_hidden_layers))
+        full_class, decoder_class = _compiled_sides()
+        with set_model_tag("overfill_full"):
+            self.full = full_class(vllm_config=vllm_config, config=side_config(config, "full"), prefix="full",
+                                   shared_attn=self.attn)
+        with set_model_tag("overfill_decoder"):
+            self.decoder = decoder_class(vllm_config=vllm_config, config=side_config(config, "decoder"),
+                                         prefix="decoder", shared_attn=self.attn)
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.full_width = config.hidden_size
 
@@ -216,8 +278,17 @@ class OverFillForCausalLM(nn.Module):
         if input_ids is None:
             raise ValueError("OverFillForCausalLM takes token ids, not embeddings")
         N = input_ids.shape[0]
-        full_rows = ROUTE.full_rows if ROUTE.full_rows is not None and ROUTE.full_rows.shape[0] == N else \
-            torch.ones(N, dtype=torch.bool, device=input_ids.device)
+        routed = ROUTE.full_rows is not None and ROUTE.full_rows.shape[0] == N
+        if not routed:
+            # vLLM's dummy runs (memory profiling, warm-up): every token to the full model, as in plain
+            # vLLM, and the decoder's pass too, so that vLLM compiles it here, at the warm-up's
+            # many-token shape. First compiled at a 1-token batch, its graph would be specialised to one
+            # row (vLLM drops the guards) and break on the next larger batch.
+            self.decoder(input_ids, positions)
+        only = ROUTE.only if routed else "full"
+        if only is not None:  # every token on one side (pure decode batches, at steady state): no gathers
+            return self._forward_side(only, input_ids, positions)
+        full_rows = ROUTE.full_rows
         rows = {"full": full_rows.nonzero().squeeze(1), "decoder": (~full_rows).nonzero().squeeze(1)}  # [n_side]
         sides = {s: side for s, side in (("full", self.full), ("decoder", self.decoder)) if rows[s].numel()}
         x = {s: sides[s].model.embed_tokens(input_ids[rows[s]]) for s in sides}  # [n_side, D_side]
@@ -246,6 +317,15 @@ class OverFillForCausalLM(nn.Module):
             final, _ = side.model.norm(x[s], residual[s])
             hidden[rows[s], :final.shape[1]] = final
         hidden[rows["full"], -1] = 1
+        return hidden
+
+    def _forward_side(self, name: str, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`forward` when all N tokens belong to one side: that side's (compiled) pass."""
+        final = (self.full if name == "full" else self.decoder)(input_ids, positions)  # [N, D_side]
+        hidden = final.new_zeros(input_ids.shape[0], self.full_width + 1)  # [N, D_full + 1]
+        hidden[:, :final.shape[1]] = final
+        if name == "full":
+            hidden[:, -1] = 1
         return hidden
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

@@ -82,6 +82,46 @@ def test_save_model_roundtrip_loads_in_transformers(tmp_path):
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
 
 
+@pytest.mark.parametrize("arch,overrides", ARCHS)
+def test_fused_projections_equal_separate_ones(arch, overrides):
+    model = ours(tiny_hf_model(arch, **overrides))
+    tokens = torch.randint(3, 128, (2, 7))
+    attention_mask = torch.ones_like(tokens)
+    positions, mask = positions_from_padding(attention_mask), full_mask(attention_mask)
+    with torch.no_grad():
+        reference = model(tokens, positions, mask)
+    params, names = {n: id(p) for n, p in model.named_parameters()}, list(model.state_dict())
+    model.fuse_projections().fuse_projections()  # idempotent
+    attn = model.model.layers[0].self_attn
+    assert attn.is_fused and attn.fused_weight.shape[0] == sum(attn.fused_sizes)
+    assert attn.k_proj.weight.data_ptr() == attn.fused_weight[attn.fused_sizes[0]:].data_ptr()
+    assert {n: id(p) for n, p in model.named_parameters()} == params and list(model.state_dict()) == names
+    with torch.no_grad():
+        assert_close(model(tokens, positions, mask), reference, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_projections_follow_updates_moves_and_saving(tmp_path):
+    hf = tiny_hf_model("qwen2")  # q/k/v biases
+    hf.save_pretrained(tmp_path / "src")
+    model = load_model(tmp_path / "src").fuse_projections()
+    tokens = torch.randint(3, 128, (1, 5))
+    positions, mask = positions_from_padding(torch.ones_like(tokens)), full_mask(torch.ones_like(tokens))
+    attn = model.model.layers[1].self_attn
+    with torch.no_grad():
+        attn.v_proj.bias.add_(0.5)  # an in-place update (as an optimizer makes) reaches the fused product
+        assert_close(attn.fused_bias[-attn.fused_sizes[-1]:], attn.v_proj.bias)
+    # With autograd on, the separate projections run, so their parameters get gradients.
+    model(tokens, positions, mask).sum().backward()
+    assert attn.q_proj.weight.grad is not None and model.model.layers[0].mlp.up_proj.weight.grad is not None
+    model.to(torch.bfloat16)
+    assert attn.fused_weight.dtype == torch.bfloat16
+    assert attn.q_proj.weight.data_ptr() == attn.fused_weight.data_ptr()
+    save_model(model, tmp_path / "out", config_from=tmp_path / "src")  # views of one buffer save apart
+    reloaded = load_model(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(model(tokens, positions, mask), reloaded(tokens, positions, mask))
+
+
 def test_unsupported_architecture_is_a_clear_error():
     with pytest.raises(OverfillError, match="unsupported architecture 'gpt2'"):
         ModelArgs.from_hf({"model_type": "gpt2"})

@@ -26,7 +26,7 @@ import torch
 
 from overfill.errors import OverfillError
 from overfill.export import check_tensor_parallel, export_vllm, vllm_config
-from overfill.vllm_plugin import prompt_token_mask
+from overfill.vllm_plugin import _Route, prompt_token_mask
 
 # ---------------------------------------------------------------------------- routing, no vLLM needed
 
@@ -48,6 +48,15 @@ def test_the_last_prompt_token_and_the_first_generated_one_are_told_apart():
     # vLLM recomputing a cached prompt's last token (position 4 of 5) still routes it to the full model.
     assert prompt_token_mask(torch.tensor([4, 5]), torch.tensor([0, 1, 2]), torch.tensor([5, 5])).tolist() == \
         [True, False]
+
+
+def test_a_batch_on_one_side_is_flagged_for_the_fast_path():
+    route = _Route()
+    for rows, only in (([True, True], "full"), ([False, False, False], "decoder"), ([True, False], None)):
+        route.set(torch.tensor(rows), torch.device("cpu"))
+        assert route.only == only and route.full_rows.tolist() == rows
+    route.set(None)
+    assert route.only is None and route.full_rows is None
 
 
 # ---------------------------------------------------------------------------- export checks
@@ -179,6 +188,19 @@ def test_vllm_decodes_as_our_two_stage_engine(pair, overfill_llm):
     got = vllm_greedy(overfill_llm, PROMPTS)
     assert got == our_greedy(pair, "overfill", PROMPTS)
     assert got != our_greedy(pair, "full", PROMPTS)  # the decoder did the decoding, so the test can fail
+
+
+def test_compiled_vllm_decodes_as_our_two_stage_engine(pair):
+    # Without enforce_eager, vLLM compiles each side's pass; one-side batches (all but the first few
+    # steps here, with 16-token chunks) run those graphs, mixed ones stay eager.
+    llm = make_llm(pair["exported"], enforce_eager=False)
+    try:
+        reference = our_greedy(pair, "overfill", PROMPTS)
+        # One request alone first: a decoder graph compiled at its 1-token steps would break on larger batches.
+        assert vllm_greedy(llm, PROMPTS[:1]) == reference[:1]
+        assert vllm_greedy(llm, PROMPTS) == reference
+    finally:
+        del llm
 
 
 def test_prefix_caching_is_turned_off(overfill_llm):

@@ -1,0 +1,92 @@
+"""One-row matrix products (batch-1 decoding) on the CPU: inductor's reductions against the BLAS call.
+
+    python -m benchmarks.latency.one_row_products --out benchmarks/latency/results/one_row_products_cpu.json
+
+For each weight shape of SmolLM2-135M and its 45 %-pruned decoder, in bf16 and fp32, `x [1, K] @ W.T`
+is timed eagerly (`F.linear`: oneDNN / MKL) and through torch.compile with the decode step's
+options (`generate.compiled_decode_step`: inductor's decompose_mm_pass turns the product into its
+own reduction). Each call reads another copy of the weight, --pool-mb of copies in all, so that
+they come from memory; where the L3 is larger than that (some cloud Xeons report 480 MB), part of
+them come from cache and "of floor" (against `bench.measure_bandwidth`) can pass 100 %.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from overfill.bench import machine, measure_bandwidth
+
+SHAPES = {  # (out, in): what reads them
+    "decoder q/o (576 x 288)": (576, 288), "decoder MLP up (832 x 288)": (832, 288),
+    "decoder MLP down (288 x 832)": (288, 832), "decoder LM head (49152 x 288)": (49152, 288),
+    "full MLP up (1536 x 576)": (1536, 576), "full LM head (49152 x 576)": (49152, 576),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def median_ms(fn, n: int) -> float:
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def compiled_linear():
+    from torch._inductor.fx_passes import decompose_mem_bound_mm
+
+    from overfill.generate import _ONE_ROW_MAX_WIDTH
+
+    decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = _ONE_ROW_MAX_WIDTH
+    options = {"post_grad_fusion_options": {"decompose_mm_pass": {
+        "cpu_max_other_dimension_decomposition": _ONE_ROW_MAX_WIDTH}}}
+    return torch.compile(lambda x, w: F.linear(x, w), options=options, dynamic=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--pool-mb", type=float, default=300)
+    ap.add_argument("--out", default="benchmarks/latency/results/one_row_products_cpu.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch._dynamo.config.recompile_limit = 64
+    gbps = measure_bandwidth(torch.device("cpu"))["gbps"]
+    rows = []
+    for precision, dtype in DTYPES.items():
+        for name, (n, k) in SHAPES.items():
+            pool = [torch.randn(n, k, dtype=dtype) for _ in range(max(2, int(args.pool_mb * 1e6 // (n * k * 4))))]
+            x, turn, linear = torch.randn(1, k, dtype=dtype), [0], compiled_linear()
+
+            def call(fn):
+                turn[0] = (turn[0] + 1) % len(pool)
+                return fn(x, pool[turn[0]])
+
+            with torch.inference_mode():
+                eager = median_ms(lambda: call(F.linear), args.repeats)
+                compiled = median_ms(lambda: call(linear), args.repeats)
+            floor = pool[0].nbytes / (gbps * 1e9) * 1e3
+            rows.append({"shape": name, "precision": precision, "weight_mb": pool[0].nbytes / 1e6,
+                         "floor_ms": floor, "eager_ms": eager, "compiled_ms": compiled,
+                         "eager_of_floor": floor / eager, "compiled_of_floor": floor / compiled})
+            print(f"{precision} {name}: eager {eager:.3f} ms ({floor / eager:.0%} of floor), "
+                  f"compiled {compiled:.3f} ms ({floor / compiled:.0%})", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(torch.device("cpu")), "bandwidth_gbps": gbps,
+                               "settings": vars(args), "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
