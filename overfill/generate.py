@@ -120,8 +120,8 @@ def compiled_decode_step(device_type: str) -> Callable:
     inductor fuses the many small element-wise kernels, and its "decompose_mm_pass" turns
     the one-row matrix products of batch-1 decoding into its own reductions, which stream
     the weights at memory speed where the BLAS GEMV (MKL on AMD CPUs) reaches about half of it.
-    Its C++ wrapper replaces the Python code that calls each kernel (about 1 ms a step for the
-    decoder's 30 layers), for some 25 s more of compile time.
+    Its C++ wrapper calls the kernels without Python: 2-4 % off the decoder's bf16 step on a
+    2-core AMX Xeon (benchmarks/README.md), for some 25 s more of compile time.
     """
     if device_type == "cuda":
         return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)

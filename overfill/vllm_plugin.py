@@ -213,6 +213,13 @@ class Side(nn.Module):
         return final
 
 
+def _in_dummy_run() -> bool:
+    """vLLM's profiling and warm-up passes are the forward calls without attention metadata."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    return is_forward_context_available() and get_forward_context().attn_metadata is None
+
+
 @functools.cache
 def _compiled_sides() -> tuple[type, type]:
     """The two sides as vLLM-compiled classes (vLLM's `support_torch_compile`, as its Llama uses), so that
@@ -279,11 +286,11 @@ class OverFillForCausalLM(nn.Module):
             raise ValueError("OverFillForCausalLM takes token ids, not embeddings")
         N = input_ids.shape[0]
         routed = ROUTE.full_rows is not None and ROUTE.full_rows.shape[0] == N
-        if not routed:
-            # vLLM's dummy runs (memory profiling, warm-up): every token to the full model, as in plain
-            # vLLM, and the decoder's pass too, so that vLLM compiles it here, at the warm-up's
-            # many-token shape. First compiled at a 1-token batch, its graph would be specialised to one
-            # row (vLLM drops the guards) and break on the next larger batch.
+        if not routed and _in_dummy_run():
+            # vLLM's profiling / warm-up pass: every token to the full model, as in plain vLLM, and
+            # the decoder's pass too, so that vLLM compiles it here, at the warm-up's many-token
+            # shape. First compiled at a 1-token batch, its graph would be specialised to one row
+            # (vLLM drops the guards) and break on the next larger batch.
             self.decoder(input_ids, positions)
         only = ROUTE.only if routed else "full"
         if only is not None:  # every token on one side (pure decode batches, at steady state): no gathers
