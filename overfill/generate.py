@@ -125,14 +125,19 @@ def compiled_decode_step(device_type: str) -> Callable:
     """
     if device_type == "cuda":
         return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    return torch.compile(decode_step, fullgraph=True, dynamic=False,
+                         options=one_row_product_options() | {"cpp_wrapper": True})
+
+
+def one_row_product_options() -> dict:
+    """inductor options under which one-row products (CPU decoding) become its own streaming reductions."""
     # The pass reads its width limit (2048) once, at import; lift it so that the output
     # layer, as wide as the vocabulary, streams too. The option also keys the compile cache.
     from torch._inductor.fx_passes import decompose_mem_bound_mm
 
     decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = _ONE_ROW_MAX_WIDTH
     limit = {"cpu_max_other_dimension_decomposition": _ONE_ROW_MAX_WIDTH}
-    return torch.compile(decode_step, fullgraph=True, dynamic=False,
-                         options={"post_grad_fusion_options": {"decompose_mm_pass": limit}, "cpp_wrapper": True})
+    return {"post_grad_fusion_options": {"decompose_mm_pass": limit}}
 
 
 def _cache_len(n: int, static: bool) -> int:

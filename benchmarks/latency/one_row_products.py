@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from overfill.bench import machine, measure_bandwidth
+from overfill.bench import _median_seconds, machine, measure_bandwidth
+from overfill.generate import one_row_product_options
 
 SHAPES = {  # (out, in): what reads them
     "decoder q/o (576 x 288)": (576, 288), "decoder MLP up (832 x 288)": (832, 288),
@@ -28,28 +27,6 @@ SHAPES = {  # (out, in): what reads them
     "full MLP up (1536 x 576)": (1536, 576), "full LM head (49152 x 576)": (49152, 576),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def median_ms(fn, n: int) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def compiled_linear():
-    from torch._inductor.fx_passes import decompose_mem_bound_mm
-
-    from overfill.generate import _ONE_ROW_MAX_WIDTH
-
-    decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = _ONE_ROW_MAX_WIDTH
-    options = {"post_grad_fusion_options": {"decompose_mm_pass": {
-        "cpu_max_other_dimension_decomposition": _ONE_ROW_MAX_WIDTH}}}
-    return torch.compile(lambda x, w: F.linear(x, w), options=options, dynamic=False)
 
 
 def main() -> None:
@@ -66,15 +43,16 @@ def main() -> None:
     for precision, dtype in DTYPES.items():
         for name, (n, k) in SHAPES.items():
             pool = [torch.randn(n, k, dtype=dtype) for _ in range(max(2, int(args.pool_mb * 1e6 // (n * k * 4))))]
-            x, turn, linear = torch.randn(1, k, dtype=dtype), [0], compiled_linear()
+            linear = torch.compile(lambda x, w: F.linear(x, w), options=one_row_product_options(), dynamic=False)
+            x, turn, cpu = torch.randn(1, k, dtype=dtype), [0], torch.device("cpu")
 
             def call(fn):
                 turn[0] = (turn[0] + 1) % len(pool)
                 return fn(x, pool[turn[0]])
 
             with torch.inference_mode():
-                eager = median_ms(lambda: call(F.linear), args.repeats)
-                compiled = median_ms(lambda: call(linear), args.repeats)
+                eager = _median_seconds(lambda: call(F.linear), cpu, args.repeats) * 1e3  # ms
+                compiled = _median_seconds(lambda: call(linear), cpu, args.repeats) * 1e3
             floor = pool[0].nbytes / (gbps * 1e9) * 1e3
             rows.append({"shape": name, "precision": precision, "weight_mb": pool[0].nbytes / 1e6,
                          "floor_ms": floor, "eager_ms": eager, "compiled_ms": compiled,
