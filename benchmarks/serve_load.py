@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-prompt-chars", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads in the server (0: torch's default); the client uses another core")
-    parser.add_argument("--startup-timeout", type=float, default=600)
+    parser.add_argument("--startup-timeout", type=float, default=900)
+    parser.add_argument("--server-flags", default="", help="more `overfill serve` flags, e.g. '--no-compile'")
     parser.add_argument("--out", default="benchmarks/serve_load.json")
     args = parser.parse_args(argv)
 
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://127.0.0.1:{port}"
     with tempfile.NamedTemporaryFile("w", prefix="serve_load_", suffix=".log", delete=False) as log_file:
         print(f"server log: {log_file.name}", flush=True)
-        server = start_server(args, port, log_file)
+        server = start_server(args, port, log_file, extra=shlex.split(args.server_flags))
         try:
             asyncio.run(run_pass(base + "/v1", prompts[:2], 1, args.max_tokens))  # warm-up
             passes = {}
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": "python -m benchmarks.serve_load " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "server": {"full": args.full, "decoder": args.decoder, "max_batch": args.max_batch,
-                   "torch_threads": args.threads or "default"},
+                   "torch_threads": args.threads or "default", "flags": args.server_flags},
         "workload": {"requests": args.requests, "source": "sharegpt first user turns",
                      "max_prompt_chars": args.max_prompt_chars, "max_tokens": args.max_tokens,
                      "temperature": 0, "stream": True},

@@ -40,8 +40,8 @@ import torch
 
 from .errors import OverfillError
 from .files import check_output_file
-from .device import INFERENCE_PRECISION_HELP, inference_precision, pick_device
-from .generate import BatchDecoder, SamplingParams
+from .device import INFERENCE_PRECISION_HELP, cpu_model, inference_precision, pick_device
+from .engine import BatchDecoder, SamplingParams
 from .model import ModelArgs, Transformer, from_state_dict, load_model, read_config
 from .two_stage import TwoStageConfig, TwoStageModel
 
@@ -59,7 +59,9 @@ LLAMA32_1B = dict(LLAMA32_3B, hidden_size=2048, intermediate_size=8192, num_hidd
 
 
 @dataclass
-class BenchArgs:
+class BenchConfig:
+    """One benchmark: the models, the sweep and how to time it; recorded as the results' "settings"."""
+
     full: str = field(default="smollm2-135m-instruct", metadata={"help": "full model (with --shapes checkpoint)"})
     decoder: str | None = field(default=None, metadata={
         "help": "decoder: an OverFill or pruned HF directory (default: random weights in the pruned shape)"})
@@ -136,7 +138,7 @@ def random_model(config: dict, dtype: torch.dtype, device: torch.device, seed: i
     return from_state_dict(ModelArgs.from_hf(config), hf.state_dict()), hf
 
 
-def load_suite(args: BenchArgs, systems: list[str], device: torch.device, dtype: torch.dtype) -> Suite:
+def load_suite(args: BenchConfig, systems: list[str], device: torch.device, dtype: torch.dtype) -> Suite:
     want_hf = "hf" in systems
     if args.shapes == "llama3.2-3b":
         full, hf = random_model(LLAMA32_3B, dtype, device, args.seed)
@@ -346,7 +348,7 @@ def ratios(runs: dict[str, dict], engines: list[str], refresh: list[int]) -> dic
 
 # ---------------------------------------------------------------------------- the run
 
-def _check(args: BenchArgs, systems: list[str], engines: list[str]) -> None:
+def _check(args: BenchConfig, systems: list[str], engines: list[str]) -> None:
     for name in ("prompt_len", "output_len", "batch_size"):
         if any(v < 1 for v in getattr(args, name)):
             raise OverfillError(f"--{name.replace('_', '-')} values must be >= 1, got {getattr(args, name)}")
@@ -382,14 +384,10 @@ def model_info(model: Transformer, source: str) -> dict:
 
 
 def machine(device: torch.device) -> dict:
+    """The machine a bench ran on, as its results record it."""
     import transformers
 
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    info = {"device": str(device), "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"device": str(device), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__}
@@ -399,7 +397,7 @@ def machine(device: torch.device) -> dict:
     return info
 
 
-def run_bench(suite: Suite, args: BenchArgs, device: torch.device, systems: list[str], engines: list[str]) -> dict:
+def run_bench(suite: Suite, args: BenchConfig, device: torch.device, systems: list[str], engines: list[str]) -> dict:
     """Time every contender on every prompt x output x batch configuration; the results dict."""
     from tqdm import tqdm
 
@@ -468,98 +466,25 @@ def _time_round_robin(lineup: list[Contender], prompts: list[list[int]], output_
     return timings, warm
 
 
-# ---------------------------------------------------------------------------- reporting
+def bench(cfg: BenchConfig) -> list[Path]:
+    """Run the benchmark `cfg` describes; write its JSON results (`cfg.out`), their markdown table
+    (.md beside it) and plots; return the paths written."""
+    from .report import bench_markdown, plot_bench
 
-def table(result: dict) -> str:
-    """The results as markdown: one table per configuration, then the ratios."""
-    lines = []
-    for cfg in result["configs"]:
-        lines += [f"### prompt {cfg['prompt_len']}, output {cfg['output_len']}, batch {cfg['batch_size']}", "",
-                  "| system | TTFT ms | TPOT ms median | TPOT ms p90 | end-to-end s | tokens/s | floor ms | "
-                  "of floor | KV KiB/token |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for label, r in cfg["runs"].items():
-            lines.append(f"| {label} | {r['ttft_s'] * 1e3:.1f} | {r['tpot_s'] * 1e3:.2f} | {r['tpot_p90_s'] * 1e3:.2f} "
-                         f"| {r['e2e_s']:.3f} | {r['tokens_per_s']:.1f} | {r['floor_s'] * 1e3:.2f} "
-                         f"| {r['floor_fraction']:.0%} | {r['kv_bytes_per_token'] / 1024:.1f} |")
-        if cfg["ratios"]:
-            lines += ["", "| ratio (per round) | median | min | max |", "|---|---:|---:|---:|"]
-            lines += [f"| {k} | {v['median']:.2f} | {v['min']:.2f} | {v['max']:.2f} |"
-                      for k, v in cfg["ratios"].items()]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot(result: dict, stem: Path) -> list[Path]:
-    """TPOT per system (with its floor) for the first configuration, and one plot per swept axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    first = result["configs"][0]
-    labels = list(first["runs"])
-    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 4))
-    ax.bar(labels, [first["runs"][k]["tpot_s"] * 1e3 for k in labels], label="measured (median)")
-    ax.scatter(labels, [first["runs"][k]["floor_s"] * 1e3 for k in labels], color="k", marker="_", s=600,
-               label="memory-bandwidth floor", zorder=3)
-    ax.set_ylabel("ms per output token")
-    ax.set_title(f"prompt {first['prompt_len']}, output {first['output_len']}, batch {first['batch_size']} "
-                 f"({result['machine'].get('gpu', result['machine']['cpu'])})", fontsize=9)
-    ax.tick_params(axis="x", rotation=30)
-    ax.legend()
-    files.append(_save(fig, stem.with_name(stem.name + "_tpot.png")))
-    for axis in ("prompt_len", "output_len", "batch_size"):
-        values = sorted({c[axis] for c in result["configs"]})
-        if len(values) < 2:
-            continue
-        others = {a: first[a] for a in ("prompt_len", "output_len", "batch_size") if a != axis}
-        line = [c for c in result["configs"] if all(c[a] == v for a, v in others.items())]
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-        for label in labels:
-            xs = [c[axis] for c in line]
-            left.plot(xs, [c["runs"][label]["tpot_s"] * 1e3 for c in line], marker="o", label=label)
-            right.plot(xs, [c["runs"][label]["tokens_per_s"] for c in line], marker="o", label=label)
-        for ax, name in ((left, "ms per output token (median)"), (right, "tokens/s end to end")):
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(values, [str(v) for v in values])
-            ax.set_xlabel(axis.replace("_", " "))
-            ax.set_ylabel(name)
-        left.legend(fontsize=8)
-        fig.suptitle(", ".join(f"{a.replace('_', ' ')} {v}" for a, v in others.items()), fontsize=9)
-        files.append(_save(fig, stem.with_name(f"{stem.name}_{axis}.png")))
-    return files
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def bench_command(args: BenchArgs) -> None:
-    device = pick_device(args.device)
-    engines = list(args.engine) or ["compiled" if device.type == "cuda" else "eager"]
-    systems = list(args.systems) or [s for s in SYSTEMS if s != "reference" or args.shapes != "checkpoint"]
-    _check(args, systems, engines)
-    check_output_file(args.out)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    precision = inference_precision(args.precision, device)  # after the threads: a CPU probe depends on them
-    dtype = precision.dtype
+    device = pick_device(cfg.device)
+    engines = list(cfg.engine) or ["compiled" if device.type == "cuda" else "eager"]
+    systems = list(cfg.systems) or [s for s in SYSTEMS if s != "reference" or cfg.shapes != "checkpoint"]
+    _check(cfg, systems, engines)
+    check_output_file(cfg.out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    precision = inference_precision(cfg.precision, device)  # after the threads: a CPU probe depends on them
     if "compiled" in engines:  # every model x batch x cache length is one more static-shape compile
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    suite = load_suite(args, systems, device, dtype)
-    result = run_bench(suite, args, device, systems, engines) | precision.as_dict()
-    out = Path(args.out)
+    suite = load_suite(cfg, systems, device, precision.dtype)
+    result = run_bench(suite, cfg, device, systems, engines) | precision.as_dict()
+    out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    markdown = table(result)
-    out.with_suffix(".md").write_text(markdown)
-    print(markdown)
-    written = [out, out.with_suffix(".md")] + (plot(result, out.with_suffix("")) if args.plots else [])
-    print("wrote " + ", ".join(map(str, written)))
+    out.with_suffix(".md").write_text(bench_markdown(result))
+    return [out, out.with_suffix(".md")] + (plot_bench(result, out.with_suffix("")) if cfg.plots else [])

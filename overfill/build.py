@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import OverfillError
-from .files import check_output_dir, write_text_atomic
+from .files import check_not_an_input, check_output_dir, write_text_atomic
 
 DEFAULT_STEPS = 60
 """Optimizer steps per decoder when neither --steps nor --tokens is given: 60 steps of 8 ShareGPT chats at
@@ -35,6 +35,8 @@ benchmarks/train/ the README's main job (both decoders, evaluation, benchmark) t
 
 @dataclass
 class BuildConfig:
+    """The whole pipeline's settings; saved as build_config.json in the run folder."""
+
     full: str = field(default="smollm2-135m-instruct", metadata={"help": "the full model"})
     out: str = field(default="runs/smollm2", metadata={"help": "run folder"})
     hidden: float = field(default=0.45, metadata={"help": "hidden width to remove (ratio) or keep (absolute)"})
@@ -61,22 +63,16 @@ class BuildConfig:
     device: str = field(default="auto", metadata={"help": "cpu, cuda, ... (auto: cuda if available)"})
     seed: int = field(default=0, metadata={"help": "seed of the data order"})
 
-
     def __post_init__(self) -> None:
         from .train import step_budget
 
         self.steps = step_budget(self.steps, self.tokens, DEFAULT_STEPS)  # checked before any stage runs
 
 
-BuildArgs = BuildConfig
-
-
 class Run:
     """The run folder: stage markers and the skip/resume rule."""
 
     def __init__(self, cfg: BuildConfig):
-        from .train import check_not_an_input
-
         self.cfg, self.dir = cfg, check_output_dir(cfg.out)
         check_not_an_input(self.dir, {"--full": cfg.full})
         if self.dir.is_dir() and any(self.dir.iterdir()) and not (self.dir / "build_config.json").is_file():
@@ -156,29 +152,23 @@ def build(cfg: BuildConfig) -> Path:
     return _report(run)
 
 
-def build_command(args: BuildArgs) -> None:
-    report = build(args)
-    print(f"wrote {report}")
-
-
 def _bench(run: Run) -> None:
-    from .bench import BenchArgs, bench_command
+    from .bench import BenchConfig, bench
 
     c = run.cfg
-    args = BenchArgs(full=c.full, decoder=str(run.path("overfill")), prompt_len=[c.bench_prompt_len],
-                     output_len=[c.bench_new_tokens], refresh_every=[], device=c.device,
-                     out=str(run.path("bench") / "bench.json"))
-    run.stage("bench", asdict(args), lambda: bench_command(args))
+    cfg = BenchConfig(full=c.full, decoder=str(run.path("overfill")), prompt_len=[c.bench_prompt_len],
+                      output_len=[c.bench_new_tokens], refresh_every=[], device=c.device,
+                      out=str(run.path("bench") / "bench.json"))
+    run.stage("bench", asdict(cfg), lambda: bench(cfg))
 
 
 def _report(run: Run) -> Path:
     """report.md: the quality table and plot, then the latency table and plots."""
-    from .evaluate import load_results, plot_accuracy, report_markdown
+    from .report import bench_markdown, load_results, plot_accuracy, report_markdown
 
     records = [load_results(run.path("eval") / f"{name}.json") for name in ("full", "pruned", "overfill")]
     plot_accuracy(records, run.path("quality.png"))
     bench = json.loads((run.path("bench") / "bench.json").read_text())
-    from .bench import table
 
     c = run.cfg
     budget = f"{c.steps} steps" if c.tokens is None else f"{c.tokens:,} tokens"
@@ -191,7 +181,7 @@ def _report(run: Run) -> Path:
         report_markdown(records).split("\n", 2)[2],  # drop the report's own title
         "![quality](quality.png)", "",
         "## Latency", "", f"Device: {bench['machine'].get('device', '')}; bandwidth {bench['bandwidth']['gbps']:.1f} GB/s measured.", "",
-        table(bench),
+        bench_markdown(bench),
         *[f"![{p.stem}](bench/{p.name})" for p in sorted(run.path("bench").glob("*.png"))], "",
         f"Settings: `{run.path('build_config.json')}`.", ""])
     out = run.path("report.md")

@@ -19,7 +19,6 @@ through the scoring model. This is what makes a benchmark run cheap.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import platform
@@ -35,18 +34,17 @@ from tqdm import tqdm
 
 from .data import Example, load_examples
 from .errors import OverfillError
-from .files import check_output_file, write_text_atomic
 from .device import AUTO_PRECISION_HELP, pick_device, resolve_precision
-from .generate import SamplingParams, prefill, stream_batch
-from .kv_cache import KVCache
+from .engine import SamplingParams, left_pad, prefill
+from .generate import stream_batch
 from .model import causal_mask, positions_from_padding
+from .report import RESULTS_FORMAT
 from .tasks import DEFAULT_SUITE, Task, load_task
 from .two_stage import TwoStageConfig, TwoStageModel
 
 Mode = Literal["full", "decoder", "overfill"]
 MODES: tuple[Mode, ...] = ("full", "decoder", "overfill")
 MODE_LABELS = {"full": "full", "decoder": "pruned", "overfill": "OverFill"}
-RESULTS_FORMAT = "overfill-eval/1"
 
 MAX_BATCH_TOKENS = 16384
 """At most this many (row x padded length) tokens per forward pass, whatever the batch size."""
@@ -147,42 +145,21 @@ class _Forward:
     rest_rows: Tensor  # [N]
 
 
-def _pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Token ids `[B, T]` and their padding mask `[B, T]`, padded on the left or the right."""
-    T = max((len(s) for s in seqs), default=0)
-    tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
-    for b, s in enumerate(seqs):
-        cols = slice(T - len(s), T) if left else slice(0, len(s))
-        tokens[b, cols] = torch.tensor(list(s), dtype=torch.long)
-        mask[b, cols] = True
-    return tokens.to(device), mask.to(device)
-
-
-def _repeat_rows(cache: KVCache, rows: Tensor, max_len: int) -> KVCache:
-    """A cache with row b holding `cache`'s row `rows[b]`, with room for `max_len` slots."""
-    _, heads, length, head_dim = cache.shape
-    out = KVCache(len(cache.k), rows.numel(), heads, max_len, head_dim, cache.k[0].dtype, cache.k[0].device)
-    for dst, src in zip(out.k + out.v, cache.k + cache.v):
-        dst[:, :, :length] = src[rows]
-    out.valid[:, :length] = cache.valid[rows]
-    return out
-
-
 def _forward(staged: TwoStageModel, batch: Sequence[Request]) -> _Forward:
     """Prefill each distinct context once, then run every continuation over a copy of its context's cache."""
     device, pad = staged.device, staged.tokenizer.pad_token_id or 0
     distinct: dict[tuple[int, ...], int] = {}
     row_context = [distinct.setdefault(tuple(context), len(distinct)) for context, _ in batch]
     rows = torch.tensor(row_context, device=device)  # [R]
-    ctx_tokens, ctx_mask = _pad(list(distinct), pad, left=True, device=device)  # [C, Lc]
-    cont_inputs, cont_mask = _pad([cont[:-1] for _, cont in batch], pad, left=False, device=device)  # [R, Lk]
+    ctx_tokens, ctx_mask = left_pad(list(distinct), pad, device)  # [C, Lc]
+    cont_inputs, cont_mask = left_pad([cont[:-1] for _, cont in batch], pad, device, left=False)  # [R, Lk]
+    cont_mask = cont_mask.bool()
     Lc, Lk = ctx_tokens.shape[1], cont_inputs.shape[1]
     cache = staged.full.new_kv_cache(len(distinct), Lc)
     first_logits = prefill(staged.full, cache, ctx_tokens, ctx_mask)[rows]  # [R, V]
     rest_hidden = torch.empty((0, staged.decoder.args.hidden_size), device=device)
     if Lk:
-        cache = _repeat_rows(cache, rows, Lc + Lk)
+        cache = cache.take_rows(rows, Lc + Lk)
         cache.valid[:, Lc:] = cont_mask
         slots = torch.arange(Lc, Lc + Lk, device=device)
         positions = positions_from_padding(cache.valid)[:, Lc:]  # [R, Lk]
@@ -402,10 +379,12 @@ def chat_quality(model: TwoStageModel, mode: Mode, examples: Sequence[Example], 
             "max_new_tokens": max_new_tokens, "seconds": round(time.perf_counter() - started, 2)}
 
 
-# ---------------------------------------------------------------------------- `overfill eval`
+# ---------------------------------------------------------------------------- the evaluation run
 
 @dataclass
 class EvalConfig:
+    """One evaluation: what to score, in which mode; recorded as the results' "settings"."""
+
     full: str = field(default="smollm2-135m-instruct", metadata={"help": "full model (prefill)"})
     decoder: str | None = field(default=None, metadata={
         "help": "decoder: a pruned or OverFill model directory"})
@@ -424,15 +403,6 @@ class EvalConfig:
     device: str = field(default="auto", metadata={"help": "cpu, cuda, ... (auto: cuda if available)"})
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
         "help": "weights and activations in bf16 or fp32 (scores are summed in fp32); " + AUTO_PRECISION_HELP})
-
-
-@dataclass
-class EvalArgs(EvalConfig):
-    out: str | None = field(default=None, metadata={
-        "help": "results JSON (default results.json); with --report the markdown report "
-                "(default report.md), its plot written beside it as .png"})
-    report: list[str] = field(default_factory=list, metadata={
-        "help": "instead of evaluating, write a report from these results files"})
 
 
 def task_names(spec: str) -> list[str]:
@@ -534,133 +504,3 @@ def _host() -> dict:
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
-def eval_command(args: EvalArgs) -> None:
-    if args.report:
-        out = write_report(args.report, check_output_file(args.out or "report.md"))
-        print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if out.with_suffix(".png").is_file() else ""))
-        return
-    out = check_output_file(args.out or "results.json")
-    record = evaluate(args)
-    write_text_atomic(out, json.dumps(record, indent=2))
-    if record["average"]:
-        print(f"average acc over {record['average']['tasks']} tasks: {record['average']['acc']:.4f}")
-    if record["chat"]:
-        c = record["chat"]
-        print(f"chat: ppl {c['perplexity']:.3f}  top-1 agreement {c['top1_agreement']:.3f}  "
-              f"KL {c['kl_from_full']:.4f}  greedy match {c['greedy_matching_tokens']:.1f} tokens")
-    print(f"wrote {out} ({record['timings']['total_s']:.0f} s)")
-
-
-# ---------------------------------------------------------------------------- report
-
-def load_results(path: str | os.PathLike) -> dict:
-    """A results file written by `overfill eval`, checked."""
-    path = Path(path)
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise OverfillError(f"results file {path} not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise OverfillError(f"{path} is not a results file of `overfill eval`: {e}") from None
-    if not isinstance(record, dict) or record.get("format") != RESULTS_FORMAT:
-        found = record.get("format") if isinstance(record, dict) else type(record).__name__
-        raise OverfillError(f"{path} is not a results file of `overfill eval` (expected \"format\": "
-                            f"\"{RESULTS_FORMAT}\", found {found!r}); make one with `overfill eval --out FILE`")
-    return record
-
-
-def _column_names(results: Sequence[dict]) -> list[str]:
-    labels = [r["label"] for r in results]
-    return [f"{label} ({Path(r['models']['decoder'] or r['models']['full']).name})"
-            if labels.count(label) > 1 else label for label, r in zip(labels, results)]
-
-
-def _shared_tasks(results: Sequence[dict]) -> list[str]:
-    """The tasks every result has, in the order they were run."""
-    return [n for n in results[0]["tasks"] if all(n in r["tasks"] for r in results)]
-
-
-def _average_acc(result: dict, names: Sequence[str]) -> float:
-    return sum(result["tasks"][n]["acc"] for n in names) / len(names)
-
-
-def _cell(value: float | None, stderr: float | None = None, digits: int = 4) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.{digits}f}" + (f" ± {stderr:.{digits}f}" if stderr is not None else "")
-
-
-def report_markdown(results: Sequence[dict]) -> str:
-    """A markdown table: task x result (full / pruned / OverFill), with averages and chat measures."""
-    columns = _column_names(results)
-    lines = ["| task | metric | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-
-    def row(task: str, metric: str, cells: list[str]) -> None:
-        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
-
-    names = list(dict.fromkeys(name for r in results for name in r["tasks"]))
-    for name in names:
-        per = [r["tasks"].get(name) for r in results]
-        for metric in ("acc", "acc_norm", "perplexity"):
-            if any(p and metric in p for p in per):
-                row(name, metric, [_cell(p.get(metric), p.get(f"{metric}_stderr")) if p else "–" for p in per])
-    shared = _shared_tasks(results)
-    if shared:
-        row(f"**average** ({len(shared)} tasks)", "acc", [f"**{_cell(_average_acc(r, shared))}**" for r in results])
-    if any(r.get("chat") for r in results):
-        for key, metric in (("perplexity", "response perplexity"), ("top1_agreement", "top-1 agreement with full"),
-                            ("kl_from_full", "KL(full ‖ model), nats/token"),
-                            ("greedy_matching_tokens", "greedy tokens matching full")):
-            row("chat", metric, [_cell(r["chat"][key], digits=3) if r.get("chat") else "–" for r in results])
-    row("decode", "parameters per token", [f"{r['models']['decode_params'] / 1e6:.1f} M" for r in results])
-    row("decode", "weight bytes per token (bf16)",
-        [f"{r['models']['decode_bytes_bf16'] / 2**20:.0f} MiB" for r in results])
-    samples = {f"{n}: {results[0]['tasks'][n]['samples']}" for n in shared}
-    models = [f"- **{c}**: mode `{r['mode']}`, full `{r['models']['full']}`, decoder `{r['models']['decoder']}`, "
-              f"{r['timings']['total_s']:.0f} s" for c, r in zip(columns, results)]
-    return "\n".join(["# OverFill evaluation", "", *lines, "",
-                      "acc ± standard error of the mean; acc_norm divides each option's log-likelihood by its "
-                      "length in characters (lm-evaluation-harness's definition).", "",
-                      "Documents per task: " + (", ".join(sorted(samples)) or "–"), "", *models, ""])
-
-
-def plot_accuracy(results: Sequence[dict], path: str | os.PathLike) -> None:
-    """Average accuracy against the parameters the decoding model reads per generated token."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shared = _shared_tasks(results)
-    if not shared:
-        raise OverfillError("the results share no benchmark task: nothing to plot")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for column, r in zip(_column_names(results), results):
-        x = r["models"]["decode_params"] / 1e6
-        y = 100 * _average_acc(r, shared)
-        ax.scatter([x], [y], s=60)
-        ax.annotate(column, (x, y), textcoords="offset points", xytext=(6, 4))
-    ax.margins(0.2)
-    ax.set_xlabel("decoder parameters per generated token (M); bf16 bytes = 2 x")
-    ax.set_ylabel(f"average accuracy over {len(shared)} tasks (%)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_report(results: Sequence[str | os.PathLike | dict], out: str | os.PathLike) -> Path:
-    """Write `out` (markdown) and its plot (`out` with .png) from results files or records."""
-    records = [r if isinstance(r, dict) else load_results(r) for r in results]
-    if not records:
-        raise OverfillError("no results to report")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = report_markdown(records)
-    if _shared_tasks(records):
-        plot_accuracy(records, out.with_suffix(".png"))
-        text += f"\n![average accuracy]({out.with_suffix('.png').name})\n"
-    out.write_text(text)
-    return out

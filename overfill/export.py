@@ -14,26 +14,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from .errors import OverfillError
-from .files import check_output_dir
+from .files import check_not_an_input, check_output_dir
 
 DECODER_KEYS = ("hidden_size", "intermediate_size", "tie_word_embeddings")
 """What the decoder's config may change from the full model's; the rest must be equal (the shared cache)."""
-
-
-@dataclass
-class ExportArgs:
-    decoder: str = field(metadata={"help": "an OverFill directory (overfill train --mode overfill)",
-                                   "positional": True})
-    out: str = field(metadata={"help": "directory to write"})
-    format: Literal["vllm"] = field(default="vllm", metadata={"help": "what to export for"})
-    full: str | None = field(default=None, metadata={"help": "full model (default: the one its overfill.json names)"})
-    tensor_parallel_size: int = field(default=1, metadata={
-        "help": "the TP size it will be served with: checked to divide the heads and widths of both models"})
 
 
 def vllm_config(full_config: dict, decoder_config: dict, full_ref: str) -> dict:
@@ -86,7 +73,6 @@ def export_vllm(decoder_dir: str, out: str, full: str | None = None, tp: int = 1
 
     from .hub import resolve
     from .model import load_state_dict, read_config
-    from .train import check_not_an_input
     from .two_stage import CONFIG_NAME, read_config_file
 
     decoder_path = Path(decoder_dir)
@@ -116,7 +102,3 @@ def export_vllm(decoder_dir: str, out: str, full: str | None = None, tp: int = 1
     (out_path / "config.json").write_text(json.dumps(config, indent=2))
     return out_path
 
-
-def export_command(args: ExportArgs) -> None:
-    out = export_vllm(args.decoder, args.out, args.full, args.tensor_parallel_size)
-    print(f"wrote {out}: serve it with `vllm serve {out}` (vLLM with overfill installed beside it)")

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .errors import OverfillError
 
@@ -57,12 +60,48 @@ def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     return path
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`: a reader (or a
-    resumed run) sees the old file or the new one, never half of one."""
+def check_not_an_input(out: Path, inputs: dict[str, str]) -> None:
+    """Refuse an output directory that is, or lies inside, a model directory given as an input."""
+    target = out.resolve()
+    for flag, ref in inputs.items():
+        source = Path(ref)
+        if source.is_dir() and (target == source.resolve() or source.resolve() in target.parents):
+            raise OverfillError(f"--out '{out}' is inside the {flag} model directory '{ref}': it would be "
+                                f"overwritten; choose another --out")
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` to write to, renamed over `path` when the block ends without an
+    error: a reader (or a resumed run) sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
-    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through `atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Move a finished directory into place. An old one is renamed aside first and deleted after, so
+    `final` is always either the old directory or the new one, and a deletion cut short leaves only
+    a `.trash-` directory behind."""
+    tmp, final = Path(tmp), Path(final)
+    trash = final.with_name(f".trash-{final.name}")
+    if trash.exists():
+        shutil.rmtree(trash)
+    if final.exists():
+        os.replace(final, trash)
+    os.replace(tmp, final)
+    shutil.rmtree(trash, ignore_errors=True)
+    return final

@@ -8,12 +8,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import OverfillError
+from .files import publish_dir
 
 
 @dataclass(frozen=True)
@@ -118,9 +118,7 @@ def convert_gguf(name: str, out: Path) -> None:
         (Path(tmp) / "overfill_source.json").write_text(
             json.dumps({"builtin": name, "gguf": str(gguf), "license": BUILTIN_MODELS[name].license}, indent=2)
         )
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        publish_dir(tmp, out)
         os.makedirs(tmp)  # TemporaryDirectory cleans up the (now empty) name
 
 

@@ -44,19 +44,65 @@ class KVCache:
         """
         if layer_map is None:
             return self
+        return self._view([self.k[j] for j in layer_map], [self.v[j] for j in layer_map], self.valid)
+
+    def _view(self, k: list[Tensor], v: list[Tensor], valid: Tensor) -> "KVCache":
         view = KVCache.__new__(KVCache)
-        view.k = [self.k[j] for j in layer_map]
-        view.v = [self.v[j] for j in layer_map]
-        view.valid = self.valid
+        view.k, view.v, view.valid = k, v, valid
         return view
 
     def first_slots(self, n: int) -> "KVCache":
         """A view of slots 0..n-1 of every layer (no copy), e.g. the prompt part of a longer cache."""
-        view = KVCache.__new__(KVCache)
-        view.k = [k[:, :, :n] for k in self.k]
-        view.v = [v[:, :, :n] for v in self.v]
-        view.valid = self.valid[:, :n]
-        return view
+        return self._view([k[:, :, :n] for k in self.k], [v[:, :, :n] for v in self.v], self.valid[:, :n])
+
+    def first_rows(self, n: int) -> "KVCache":
+        """A view of rows 0..n-1 (no copy): a step on it writes into this cache's buffers."""
+        return self._view([k[:n] for k in self.k], [v[:n] for v in self.v], self.valid[:n])
+
+    def take_rows(self, rows: Tensor, max_len: int | None = None) -> "KVCache":
+        """A new cache whose row b is a copy of this cache's row `rows[b]`, with room for `max_len` slots.
+
+        `rows` may repeat a row: several continuations read one prefilled context.
+        """
+        _, heads, length, head_dim = self.shape
+        max_len = length if max_len is None else max_len
+        if max_len < length:
+            raise ValueError(f"max_len {max_len} is shorter than the cache's {length} slots")
+        out = KVCache(len(self.k), rows.numel(), heads, max_len, head_dim, self.k[0].dtype, self.k[0].device)
+        for dst, src in zip(out.k + out.v, self.k + self.v):
+            dst[:, :, :length] = src[rows]  # [R, H_kv, S, D]
+        out.valid[:, :length] = self.valid[rows]
+        return out
+
+    def grown(self, max_len: int) -> "KVCache":
+        """A copy with `max_len` slots, the first `self.max_len` of them this cache's."""
+        return self.take_rows(torch.arange(self.shape[0], device=self.valid.device), max_len)
+
+    def write_rows(self, rows: slice, end: int, other: "KVCache", picks: Tensor) -> None:
+        """Place rows `picks` of `other` (T slots each) into `rows`, ending at slot `end`; the rest of
+        those rows becomes invalid."""
+        T = other.max_len
+        for dst, src in zip(self.k + self.v, other.k + other.v):
+            dst[rows, :, end - T:end] = src[picks]  # [k, H_kv, T, D]
+        self.valid[rows] = False
+        self.valid[rows, end - T:end] = other.valid[picks]
+
+    def move_slots(self, rows: int, start: int, stop: int, to: int) -> None:
+        """Move slots `[start, stop)` of rows 0..rows-1 to begin at slot `to`; every other slot of them
+        becomes invalid (overlapping ranges are fine)."""
+        width = stop - start
+        src, dst = slice(start, stop), slice(to, to + width)
+        for buf in self.k + self.v:
+            buf[:rows, :, dst] = buf[:rows, :, src].clone()
+        self.valid[:rows, dst] = self.valid[:rows, src].clone()
+        self.valid[:rows, :to] = False
+        self.valid[:rows, to + width:] = False
+
+    def copy_row(self, src: int, dst: int, slots: int) -> None:
+        """Copy the first `slots` slots of row `src` over row `dst`."""
+        for buf in self.k + self.v:
+            buf[dst, :, :slots] = buf[src, :, :slots]
+        self.valid[dst, :slots] = self.valid[src, :slots]
 
     def copy_from(self, other: "KVCache") -> None:
         """Copy another cache of the same shape into this one (asserting the shapes match)."""

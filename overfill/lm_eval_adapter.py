@@ -31,7 +31,8 @@ from tqdm import tqdm
 from .errors import OverfillError
 from .evaluate import in_mode, loglikelihoods, prefix_token_id, resolve_mode, tok_encode
 from .device import default_dtype, pick_device
-from .generate import SamplingParams, stream_batch
+from .engine import SamplingParams
+from .generate import stream_batch
 from .two_stage import TwoStageModel
 
 log = logging.getLogger(__name__)

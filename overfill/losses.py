@@ -1,6 +1,6 @@
 """Training losses over the response tokens: the OverFill objective and the pruned baseline's.
 
-Both take a `data.collate_split` batch (left-padded prompts in slots 0..P-1, right-padded
+Both take a `batching.collate_split` batch (left-padded prompts in slots 0..P-1, right-padded
 responses after) and return per-example sums over the response tokens, cross-entropy `[B]`
 and KL(full || decoder) `[B]`, in fp32.
 
@@ -129,7 +129,7 @@ def response_losses(full: Transformer | None, decoder: Transformer, batch: dict[
 
 def reference_losses(full: Transformer | None, decoder: Transformer, batch: dict[str, Tensor], mode: str,
                      layer_map: list[int] | None = None, kd: bool = False) -> tuple[Tensor, Tensor]:
-    """The first release's path over a `data.collate` batch (whole right-padded sequences)."""
+    """The first release's path over a `batching.collate` batch (whole right-padded sequences)."""
     from .two_stage import split_logits
 
     tokens, attention_mask, loss_mask = batch["tokens"], batch["attention_mask"], batch["loss_mask"]

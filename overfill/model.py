@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import OverfillError
+from .files import atomic_file
 from .kv_cache import KVCache
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -473,9 +474,8 @@ def save_model(model: Transformer, out: str | os.PathLike, config_from: str | os
     state = {k: _own_storage(v.detach().contiguous().cpu()) for k, v in model.state_dict().items()}
     if model.args.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
+    with atomic_file(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     if src.resolve() != out.resolve():
         for name in os.listdir(src):
             if name.endswith((".json", ".jinja", ".model", ".txt")) and not name.startswith("model.safetensors"):

@@ -6,13 +6,9 @@ it is, so every KV head and the head size are kept, query heads are removed even
 GQA group, and a depth-pruned decoder records which full-model layer's KV each of its layers
 reads (`layer_map`).
 
-Importance comes from activations on calibration text, in one pass over the full model:
-- hidden channel: the outputs of every normalisation layer (both per block, and the final one);
-- MLP neuron: the input of the down projection, per layer;
-- query head: the L2 norm of the head's attention output (the input of o_proj), per layer;
-- layer: 1 - cosine(block input, block output), averaged over tokens.
-Per-token scores are reduced over each sequence (`seq_aggregate`) and then over the batch
-(`batch_aggregate`); Minitron found mean-then-L2 best, which is the default.
+The pruner runs on our own `Transformer`: importance comes from activations on calibration
+text, in one pass over the full model (`overfill.importance`); the least important units are
+then sliced out of its parameters and the pruned `ModelArgs` written into the source's config.json.
 
     overfill prune smollm2-135m-instruct --out pruned --hidden 0.45 --intermediate 0.45
 
@@ -29,24 +25,25 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from .errors import OverfillError
+from .files import publish_dir
 from .device import AUTO_PRECISION_HELP, pick_device, resolve_precision
-from .model import ModelArgs
+from .importance import (Aggregate, Importance, ImportanceHooks, calibration_batches, calibration_pass,
+                         calibration_summary, calibration_texts)
+from .model import Block, Fusable, ModelArgs, Transformer, load_model, read_config, save_model
 
 RECORD_FILE = "prune_record.json"
 CONFIG_FILE = "prune_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
-
-Aggregate = Literal["mean", "l2", "max"]
+COPIED_FILES = TOKENIZER_FILES + ("generation_config.json",)
 
 
 @dataclass
@@ -85,15 +82,6 @@ class PruneConfig:
     seed: int = field(default=0, metadata={"help": "seed for picking calibration texts"})
 
 
-@dataclass(kw_only=True)
-class PruneArgs(PruneConfig):
-    """`overfill prune`: the PruneConfig plus where the model comes from and goes to."""
-
-    model: str = field(metadata={"help": "model to prune: built-in name, HF directory or hub id", "positional": True})
-    out: str = field(default="pruned", metadata={"help": "output directory (a Hugging Face model directory)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace the output directory if it exists"})
-
-
 @dataclass
 class Widths:
     """The shape of a model, as far as pruning is concerned."""
@@ -106,12 +94,8 @@ class Widths:
     num_hidden_layers: int
 
     @classmethod
-    def of(cls, config) -> "Widths":
-        heads = config.num_attention_heads
-        return cls(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-                   num_attention_heads=heads, num_key_value_heads=config.num_key_value_heads or heads,
-                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-                   num_hidden_layers=config.num_hidden_layers)
+    def of(cls, args: ModelArgs) -> "Widths":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 @dataclass
@@ -152,20 +136,6 @@ class Kept:
 
 
 @dataclass
-class Importance:
-    """Activation-based importance of every prunable unit of the full model."""
-
-    hidden: Tensor
-    """[D], summed over all normalisation layers."""
-    neurons: list[Tensor]
-    """Per layer: [F]."""
-    heads: list[Tensor]
-    """Per layer: [H]."""
-    blocks: Tensor | None
-    """[L]: 1 - cosine(block input, block output); None when not measured."""
-
-
-@dataclass
 class PruneRecord:
     """Everything about one pruning run; written as prune_record.json."""
 
@@ -201,11 +171,14 @@ class PruneRecord:
 
 # ---------------------------------------------------------------------------- planning widths
 
-def plan(config, cfg: PruneConfig) -> PrunePlan:
-    """Validate the request against a model config and choose every kept width."""
-    ModelArgs.from_hf(config)  # the decoder must be a model OverFill can run: same checks
+def plan(config: ModelArgs | dict, cfg: PruneConfig) -> PrunePlan:
+    """Validate the request against a model and choose every kept width.
+
+    config: the model's ModelArgs, or its config.json (a dict or a transformers config object),
+    which must describe a model OverFill can run (`ModelArgs.from_hf` checks it).
+    """
     _check_settings(cfg)
-    full = Widths.of(config)
+    full = Widths.of(config if isinstance(config, ModelArgs) else ModelArgs.from_hf(config))
     heads = _plan_heads(cfg.heads, full)
     hidden = _plan_width("hidden", cfg.hidden, full.hidden_size, cfg.multiple, divisor=heads.kept)
     intermediate = _plan_width("intermediate", cfg.intermediate, full.intermediate_size, cfg.multiple)
@@ -285,181 +258,6 @@ def _plan_depth(spec: float, layers: int) -> Rounding:
     return Rounding(spec, target, kept, 1, f"{kept} of {layers} layers")
 
 
-# ---------------------------------------------------------------------------- calibration data
-
-@dataclass
-class Batch:
-    """Right-padded calibration sequences of similar length."""
-
-    tokens: Tensor
-    """[B, T] token ids."""
-    mask: Tensor
-    """[B, T] bool, False on padding."""
-    scored: bool
-    """Whether the calibration loss (before and after pruning) is measured on it."""
-
-
-def calibration_batches(tokenizer, texts: list[str], seq_len: int, batch_size: int, scored: int) -> list[Batch]:
-    """Token batches of the texts cut to `seq_len` tokens; the first `scored` texts are scored."""
-    ids = [row for row in tokenizer(texts, truncation=True, max_length=seq_len)["input_ids"] if row]
-    if not ids:
-        raise OverfillError("the calibration texts are all empty: give a data source with text in it")
-    if max(len(row) for row in ids[:scored]) < 2:
-        raise OverfillError("the calibration texts are single tokens: give longer texts")
-    return _batches(ids[:scored], batch_size, True) + _batches(ids[scored:], batch_size, False)
-
-
-def _batches(ids: list[list[int]], batch_size: int, scored: bool) -> list[Batch]:
-    ids = sorted(ids, key=len, reverse=True)  # similar lengths together: little padding
-    batches = []
-    for start in range(0, len(ids), batch_size):
-        rows = ids[start:start + batch_size]
-        tokens = torch.zeros(len(rows), len(rows[0]), dtype=torch.long)
-        mask = torch.zeros(len(rows), len(rows[0]), dtype=torch.bool)
-        for b, row in enumerate(rows):
-            tokens[b, :len(row)] = torch.tensor(row)
-            mask[b, :len(row)] = True
-        batches.append(Batch(tokens, mask, scored))
-    return batches
-
-
-def _calibration_texts(cfg: PruneConfig, tokenizer, texts: list[str] | None) -> list[str]:
-    if texts is None:
-        from .data import calibration_texts
-
-        texts = calibration_texts(cfg.calibration, cfg.samples, seed=cfg.seed, tokenizer=tokenizer)
-    texts = [t for t in texts[:cfg.samples] if t.strip()]
-    if not texts:
-        raise OverfillError(f"calibration data '{cfg.calibration}' has no text: give a source with "
-                            f"non-empty texts (--calibration sharegpt or a .txt/.jsonl file)")
-    return texts
-
-
-# ---------------------------------------------------------------------------- importance
-
-def _reduce_tokens(x: Tensor, mask: Tensor, how: str) -> Tensor:
-    """[B, T, C] activations -> [B, C] float32, over the real tokens (mask [B, T] bool) only."""
-    if how == "mean":  # as a matrix product: an elementwise pass in float32 would cost a third of the forward
-        sums = torch.bmm(mask[:, None, :].to(x.dtype), x)[:, 0].float()  # [B, C]
-        return sums / mask.sum(1, keepdim=True)
-    x = x * mask[..., None].to(x.dtype)  # zero the padding (exact in any dtype)
-    if how == "l2":
-        return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
-    return x.abs().amax(1).float()
-
-
-def _cosine(a: Tensor, b: Tensor) -> Tensor:
-    """[B, T, D] x 2 -> [B, T] cosine similarity, accumulated in float32."""
-    dot = (a * b).sum(-1, dtype=torch.float32)
-    norms = torch.linalg.vector_norm(a, dim=-1, dtype=torch.float32) * torch.linalg.vector_norm(b, dim=-1, dtype=torch.float32)
-    return dot / norms.clamp_min(1e-12)
-
-
-class _BatchAggregate:
-    """Streams per-sequence scores [B, C] into one score per channel [C]."""
-
-    def __init__(self, how: str):
-        self.how, self.total, self.count = how, None, 0
-
-    def add(self, per_sequence: Tensor) -> None:
-        v = per_sequence.abs()
-        part = v.amax(0) if self.how == "max" else (v.square() if self.how == "l2" else v).sum(0)
-        if self.total is None:
-            self.total = part
-        else:
-            self.total = torch.maximum(self.total, part) if self.how == "max" else self.total + part
-        self.count += v.shape[0]
-
-    def result(self) -> Tensor:
-        if self.how == "l2":
-            return self.total.sqrt()
-        return self.total / self.count if self.how == "mean" else self.total
-
-
-class _ImportanceHooks:
-    """Forward hooks on the full model that accumulate Minitron importance during calibration.
-
-    Block importance (a cosine per token and layer) is measured only when `blocks` is set:
-    only depth pruning by cosine needs it.
-    """
-
-    def __init__(self, model, cfg: PruneConfig, blocks: bool):
-        self.model, self.cfg, self.blocks = model, cfg, blocks
-        self.mask: Tensor | None = None  # [B, T] bool of the batch being run
-        layers = model.model.layers
-        self.norms = [_BatchAggregate(cfg.batch_aggregate) for _ in range(2 * len(layers) + 1)]
-        self.neurons = [_BatchAggregate(cfg.batch_aggregate) for _ in layers]
-        self.heads = [_BatchAggregate(cfg.batch_aggregate) for _ in layers]
-        self.block_distance = torch.zeros(len(layers), dtype=torch.float64)
-        self.tokens = 0
-        self.handles = []
-
-    def __enter__(self) -> "_ImportanceHooks":
-        norms = [n for layer in self.model.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
-        norms.append(self.model.model.norm)
-        for module, stat in zip(norms, self.norms):
-            self.handles.append(module.register_forward_hook(self._channels(stat, output=True)))
-        head_dim = Widths.of(self.model.config).head_dim
-        for i, layer in enumerate(self.model.model.layers):
-            self.handles.append(layer.mlp.down_proj.register_forward_hook(self._channels(self.neurons[i], output=False)))
-            self.handles.append(layer.self_attn.o_proj.register_forward_hook(self._heads(self.heads[i], head_dim)))
-            if self.blocks:
-                self.handles.append(layer.register_forward_hook(self._block(i), with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-    def _channels(self, stat: _BatchAggregate, output: bool):
-        def hook(module, inputs, out):
-            x = out if output else inputs[0]  # [B, T, C]
-            stat.add(_reduce_tokens(x, self.mask, self.cfg.seq_aggregate))
-        return hook
-
-    def _heads(self, stat: _BatchAggregate, head_dim: int):
-        def hook(module, inputs, out):
-            x = inputs[0]  # [B, T, H * head_dim]
-            per_head = torch.linalg.vector_norm(x.unflatten(-1, (-1, head_dim)), dim=-1, dtype=torch.float32)  # [B, T, H]
-            stat.add(_reduce_tokens(per_head, self.mask, self.cfg.seq_aggregate))
-        return hook
-
-    def _block(self, i: int):
-        def hook(module, args, kwargs, out):
-            x_in = args[0] if args else kwargs["hidden_states"]  # [B, T, D]
-            x_out = out[0] if isinstance(out, tuple) else out
-            self.block_distance[i] += (1 - _cosine(x_in, x_out))[self.mask].sum().item()
-            if i == 0:
-                self.tokens += int(self.mask.sum().item())
-        return hook
-
-    def result(self) -> Importance:
-        return Importance(hidden=torch.stack([s.result() for s in self.norms]).sum(0),
-                          neurons=[s.result() for s in self.neurons],
-                          heads=[s.result() for s in self.heads],
-                          blocks=(self.block_distance / self.tokens).float() if self.blocks else None)
-
-
-def calibration_pass(model, batches: list[Batch], desc: str, hooks: _ImportanceHooks | None = None) -> float:
-    """Run the batches (and the hooks, if any); the mean next-token loss over the scored ones."""
-    device = model.model.embed_tokens.weight.device
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for batch in tqdm(batches, desc=desc, unit="batch"):
-            tokens, mask = batch.tokens.to(device), batch.mask.to(device)
-            if hooks is not None:
-                hooks.mask = mask
-            hidden = model.model(input_ids=tokens, attention_mask=mask, use_cache=False).last_hidden_state  # [B, T, D]
-            if not batch.scored:
-                continue
-            for b in range(tokens.shape[0]):  # one row at a time: [T, vocab] logits, not [B, T, vocab]
-                real = mask[b, 1:]
-                logits = model.lm_head(hidden[b, :-1][real]).float()  # [N, V]
-                nll += nn.functional.cross_entropy(logits, tokens[b, 1:][real], reduction="sum").item()
-                count += int(real.sum())
-    return nll / count
-
-
 # ---------------------------------------------------------------------------- choosing what stays
 
 def _top(scores: Tensor, k: int) -> Tensor:
@@ -518,46 +316,51 @@ def _head_rows(heads: Tensor, head_dim: int) -> Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
-def apply(model, kept: Kept, pruned: Widths) -> None:
-    """Cut the model in place down to the kept units and update its config."""
+def apply(model: Transformer, kept: Kept, pruned: Widths) -> None:
+    """Cut the model in place down to the kept units and update its args."""
     body = model.model
-    tied = model.lm_head.weight is body.embed_tokens.weight
     body.layers = nn.ModuleList([body.layers[i] for i in kept.layers])
     h = kept.hidden
     body.embed_tokens.weight = _take(body.embed_tokens.weight, h, 1)  # [V, D]
     body.embed_tokens.embedding_dim = len(h)
     body.norm.weight = _take(body.norm.weight, h, 0)
-    for new_index, (layer, neurons, heads) in enumerate(zip(body.layers, kept.neurons, kept.heads)):
-        attn, mlp = layer.self_attn, layer.mlp
-        rows = _head_rows(heads, pruned.head_dim)
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            norm.weight = _take(norm.weight, h, 0)
-        _slice_linear(attn.q_proj, out_index=rows, in_index=h)
-        _slice_linear(attn.k_proj, in_index=h)
-        _slice_linear(attn.v_proj, in_index=h)
-        _slice_linear(attn.o_proj, out_index=h, in_index=rows)
-        _slice_linear(mlp.gate_proj, out_index=neurons, in_index=h)
-        _slice_linear(mlp.up_proj, out_index=neurons, in_index=h)
-        _slice_linear(mlp.down_proj, out_index=h, in_index=neurons)
-        attn.layer_idx = new_index
-        attn.num_key_value_groups = pruned.num_attention_heads // pruned.num_key_value_heads
-        layer.hidden_size = pruned.hidden_size
-    if tied:
-        model.lm_head.weight = body.embed_tokens.weight
+    for layer, neurons, heads in zip(body.layers, kept.neurons, kept.heads):
+        _slice_block(layer, h, neurons, _head_rows(heads, pruned.head_dim))
+    if model.args.tie_word_embeddings:
+        model.tie_weights()
     else:
         _slice_linear(model.lm_head, in_index=h)
-    _update_config(model.config, pruned, kept.layers)
+    model.args = replace(model.args, **asdict(pruned))
 
 
-def _update_config(config, pruned: Widths, layers: list[int]) -> None:
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [config.layer_types[i] for i in layers]
-    config.num_attention_heads = pruned.num_attention_heads
-    config.head_dim = pruned.head_dim  # explicit: hidden_size // heads is no longer the head size
-    config.hidden_size = pruned.hidden_size
-    config.intermediate_size = pruned.intermediate_size
-    config.num_hidden_layers = pruned.num_hidden_layers
-    config.validate_architecture()
+def _slice_block(block: Block, h: Tensor, neurons: Tensor, rows: Tensor) -> None:
+    """h [D'] hidden channels, neurons [F'], rows [H' * head_dim] of q_proj: the kept ones.
+
+    Qwen3's q_norm / k_norm act on the head_dim channels of each head, with one weight shared
+    by all heads, and the head size is kept: neither heads nor hidden channels touch them.
+    """
+    attn, mlp = block.self_attn, block.mlp
+    fused = [m for m in (attn, mlp) if _unfuse(m)]
+    for norm in (block.input_layernorm, block.post_attention_layernorm):
+        norm.weight = _take(norm.weight, h, 0)
+    _slice_linear(attn.q_proj, out_index=rows, in_index=h)
+    _slice_linear(attn.k_proj, in_index=h)
+    _slice_linear(attn.v_proj, in_index=h)
+    _slice_linear(attn.o_proj, out_index=h, in_index=rows)
+    attn.n_heads = len(rows) // attn.head_dim
+    _slice_linear(mlp.gate_proj, out_index=neurons, in_index=h)
+    _slice_linear(mlp.up_proj, out_index=neurons, in_index=h)
+    _slice_linear(mlp.down_proj, out_index=h, in_index=neurons)
+    for module in fused:
+        module.fuse()
+
+
+def _unfuse(module: Fusable) -> bool:
+    """Drop a fused buffer (slicing replaces the parameters that are views of it); whether there was one."""
+    if not module.is_fused:
+        return False
+    module.fused_weight = module.fused_bias = None
+    return True
 
 
 # ---------------------------------------------------------------------------- the whole run
@@ -594,23 +397,24 @@ def _working_copy(model, dtype: torch.dtype, device: torch.device):
     return copy.deepcopy(model).to(device=device, dtype=dtype)
 
 
-def prune_model(model, tokenizer, cfg: PruneConfig, texts: list[str] | None = None,
+def prune_model(model: Transformer, tokenizer, cfg: PruneConfig, texts: list[str] | None = None,
                 source: str = "<in memory>") -> PruneRecord:
-    """Prune a loaded transformers causal LM in place and describe what was done.
+    """Prune a loaded Transformer in place and describe what was done.
 
     Calibration text comes from `cfg.calibration` unless `texts` are given.
     """
     start = time.perf_counter()
-    pruning = plan(model.config, cfg)
-    batches = calibration_batches(tokenizer, _calibration_texts(cfg, tokenizer, texts), cfg.seq_len,
-                                  cfg.batch_size, scored=cfg.loss_samples)
+    pruning = plan(model.args, cfg)
+    texts_used = calibration_texts(cfg.calibration, cfg.samples, cfg.seed, tokenizer, texts)
+    batches = calibration_batches(tokenizer, texts_used, cfg.seq_len, cfg.batch_size, scored=cfg.loss_samples)
     params_before, bytes_before = _size(model)
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     print(f"calibration in {precision.name} ({precision.reason})", flush=True)
     work = _working_copy(model.eval(), precision.dtype, device)
     depth_pruned = pruning.pruned.num_hidden_layers < pruning.full.num_hidden_layers
-    with _ImportanceHooks(work, cfg, blocks=depth_pruned and cfg.depth_method == "cosine") as hooks:
+    with ImportanceHooks(work, cfg.seq_aggregate, cfg.batch_aggregate,
+                         blocks=depth_pruned and cfg.depth_method == "cosine") as hooks:
         loss_before = calibration_pass(work, batches, "importance", hooks)
     importance = hooks.result()
     kept = choose(importance, pruning, cfg.depth_method)
@@ -620,7 +424,7 @@ def prune_model(model, tokenizer, cfg: PruneConfig, texts: list[str] | None = No
     loss_after = calibration_pass(work, [b for b in batches if b.scored], "pruned loss")
     params_after, bytes_after = _size(model)
     return PruneRecord(
-        source=source, architecture=model.config.model_type, config={**asdict(cfg), **precision.as_dict()},
+        source=source, architecture=model.args.model_type, config={**asdict(cfg), **precision.as_dict()},
         full=asdict(pruning.full), pruned=asdict(pruning.pruned),
         rounding={name: asdict(r) for name, r in pruning.rounding.items()},
         kept={"hidden": kept.hidden.tolist(), "layers": kept.layers,
@@ -628,19 +432,10 @@ def prune_model(model, tokenizer, cfg: PruneConfig, texts: list[str] | None = No
         layer_map=kept.layers if depth_pruned else None,
         importance=_summary(importance, kept),
         params_before=params_before, params_after=params_after, bytes_before=bytes_before, bytes_after=bytes_after,
-        calibration=_calibration_summary(cfg.calibration if texts is None else "<texts given>", batches,
-                                         loss_before, loss_after),
+        calibration=calibration_summary(cfg.calibration if texts is None else "<texts given>", batches,
+                                        loss_before, loss_after),
         seconds=round(time.perf_counter() - start, 1),
     )
-
-
-def _calibration_summary(source: str, batches: list[Batch], loss_before: float, loss_after: float) -> dict:
-    scored = [b for b in batches if b.scored]
-    return {"source": source,
-            "sequences": sum(len(b.tokens) for b in batches), "tokens": sum(int(b.mask.sum()) for b in batches),
-            "loss_sequences": sum(len(b.tokens) for b in scored), "loss_tokens": sum(int(b.mask.sum()) for b in scored),
-            "loss_before": loss_before, "loss_after": loss_after,
-            "perplexity_before": math.exp(loss_before), "perplexity_after": math.exp(loss_after)}
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -650,7 +445,22 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise OverfillError(f"output directory '{out}' is not empty; choose another --out or pass --overwrite")
 
 
-def _save(model, source: Path, cfg: PruneConfig, record: PruneRecord, out: Path) -> None:
+def pruned_config(source: dict, model: Transformer, layers: list[int]) -> dict:
+    """The source's config.json with the model's (pruned) widths.
+
+    Every other key (architectures, rope, token ids, ...) still applies and stays. head_dim
+    and num_key_value_heads are always written: neither follows from the pruned widths.
+    """
+    config = {**source, **asdict(Widths.of(model.args))}
+    if source.get("layer_types") is not None:
+        config["layer_types"] = [source["layer_types"][i] for i in layers]
+    config["dtype"] = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    if "torch_dtype" in config:  # the name before transformers 5
+        config["torch_dtype"] = config["dtype"]
+    return config
+
+
+def _save(model: Transformer, source: Path, config: dict, cfg: PruneConfig, record: PruneRecord, out: Path) -> None:
     """Write to a temporary sibling and rename, so a failed run never leaves half a model behind.
 
     The tokenizer files are copied as they are: OverFill checks that a decoder's tokenizer is
@@ -659,15 +469,15 @@ def _save(model, source: Path, cfg: PruneConfig, record: PruneRecord, out: Path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
-        model.save_pretrained(tmp)
-        for name in TOKENIZER_FILES:
+        written = pruned_config(config, model, record.kept["layers"])
+        (tmp / "config.json").write_text(json.dumps(written, indent=2) + "\n")
+        for name in COPIED_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
+        save_model(model, tmp, config_from=tmp)  # the weights; the rest is in place already
         record.save(tmp)
         (tmp / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        publish_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -679,35 +489,16 @@ def prune(model: str | os.PathLike, cfg: PruneConfig, out: str | os.PathLike,
 
     Calibration text comes from `cfg.calibration` unless `texts` are given.
     """
-    from .hub import load_hf_config, load_hf_model, load_tokenizer, resolve
+    from .hub import load_tokenizer, resolve
 
     out = Path(out)
     _check_out(out, overwrite)
-    plan(load_hf_config(model), cfg)  # fail on bad flags before loading anything large
-    tokenizer = load_tokenizer(model)
-    hf_model = load_hf_model(model)
-    record = prune_model(hf_model, tokenizer, cfg, texts, source=str(model))
-    _save(hf_model, resolve(model), cfg, record, out)
+    source = resolve(model)
+    config = read_config(source)
+    plan(config, cfg)  # fail on bad flags before loading anything large
+    tokenizer = load_tokenizer(source)
+    full = load_model(source, dtype=torch.float32)  # fp32 whatever the checkpoint's dtype, as the pruner always did
+    record = prune_model(full, tokenizer, cfg, texts, source=str(model))
+    _save(full, source, config, cfg, record, out)
     return record
 
-
-def prune_command(args: PruneArgs) -> None:
-    start = time.perf_counter()
-    cfg = PruneConfig(**{f.name: getattr(args, f.name) for f in fields(PruneConfig)})
-    record = prune(args.model, cfg, args.out, overwrite=args.overwrite)
-    for name, r in record.rounding.items():
-        if r["multiple"]:
-            print(f"{name}: {r['target']:g} -> {r['kept']} ({r['note']})")
-    full, pruned = record.full, record.pruned
-    print(f"widths: hidden {full['hidden_size']} -> {pruned['hidden_size']}, "
-          f"intermediate {full['intermediate_size']} -> {pruned['intermediate_size']}, "
-          f"heads {full['num_attention_heads']} -> {pruned['num_attention_heads']}, "
-          f"layers {full['num_hidden_layers']} -> {pruned['num_hidden_layers']}")
-    print(f"parameters: {record.params_before:,} -> {record.params_after:,} "
-          f"({record.bytes_after / 2**20:.1f} MiB)")
-    cal = record.calibration
-    print(f"importance from {cal['sequences']} sequences ({cal['tokens']:,} tokens); "
-          f"loss on {cal['loss_sequences']} of them ({cal['loss_tokens']:,} tokens): "
-          f"{cal['loss_before']:.3f} -> {cal['loss_after']:.3f} "
-          f"(perplexity {cal['perplexity_before']:.1f} -> {cal['perplexity_after']:.1f})")
-    print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s (pruning {record.seconds:.0f} s)")

@@ -23,7 +23,7 @@ Scale-out is HuggingFace `accelerate`: the same code runs alone or under
 `accelerate launch` / `torchrun` (DDP or FSDP). Only the main process writes files, except
 the per-process RNG states that `accelerate` puts in each checkpoint.
 
-Output directory:
+Output directory (`checkpoint.py` reads and checks it):
     train_config.json    the TrainConfig of the run
     metrics.jsonl        one line per optimizer step (loss, lr, tokens/s, val_loss when computed)
     summary.json         tokens seen, tokens/s, wall time, final losses
@@ -32,37 +32,28 @@ Output directory:
 """
 from __future__ import annotations
 
-import errno
 import json
-import os
-import random
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
-from itertools import islice
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .device import AUTO_PRECISION_HELP, PRECISIONS, resolve_precision
+from .batching import batch_plan, collate_split, length_groups, length_key, plan_fingerprint
+from .checkpoint import (CONFIG_FILE, METRICS_FILE, SNAPSHOTS, STATE_FILE, SUMMARY_FILE, WRITE_ERRORS, check_out_dir,
+                         check_resumable, clean_temporaries, latest_checkpoint, restore_newest, save_checkpoint,
+                         truncate_metrics)
+from .device import AUTO_PRECISION_HELP, PRECISIONS, pick_device, resolve_precision
 from .errors import OverfillError
-from .files import check_output_dir, write_text_atomic
+from .files import publish_dir
 from .losses import response_losses
 from .model import Transformer
 from .two_stage import TwoStageModel
 
-CONFIG_FILE = "train_config.json"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-STATE_FILE = "trainer_state.json"
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG}
-"""What a full disk, a quota or a read-only mount raise while a run writes its files."""
-CHECKPOINTS = "checkpoints"
-SNAPSHOTS = "snapshots"
 DEFAULT_STEPS = 1000
 # What --resume may change: none of these alter the loss curve.
 RESUMABLE = {"out", "resume", "checkpoint_every", "keep", "eval_every", "val_examples", "grad_checkpointing",
@@ -110,7 +101,7 @@ class TrainConfig:
         "help": "token budgets at which to also save the model (snapshots/tokens-N/): the points of a budget "
                 "sweep from one run"})
     grad_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute the decoder's activations in the backward pass (less memory, ~30%% slower)"})
+        "help": "recompute the decoder's activations in the backward pass (less memory, ~30% slower)"})
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
         "help": "bf16: autocast over fp32 master weights, full model stored in bf16; " + AUTO_PRECISION_HELP})
     length_window: int = field(default=64, metadata={
@@ -175,9 +166,6 @@ def _same_setting(a, b) -> bool:
     return False
 
 
-TrainArgs = TrainConfig  # the `overfill train` flags are the config's fields
-
-
 def train(cfg: TrainConfig) -> Path:
     """Train as `cfg` says; return the output directory (see the module docstring)."""
     out = Path(cfg.out)
@@ -197,184 +185,18 @@ def train(cfg: TrainConfig) -> Path:
                             f"{newest.name if newest else 'the start'}, which is complete") from None
 
 
-def train_command(args: TrainArgs) -> None:
-    train(args)
-
-
-# ---------------------------------------------------------------------------- data order
-
-def epoch_order(n: int, seed: int) -> Iterator[int]:
-    """Example indices, epoch after epoch, each epoch a new seeded permutation."""
-    rng = random.Random(seed)  # Python's generator: the same order on every machine and torch version
-    while True:
-        order = list(range(n))
-        rng.shuffle(order)
-        yield from order
-
-
-def batch_plan(lengths: list[int], per_step: int, seed: int, steps: int | None = None,
-               tokens: int | None = None) -> list[int]:
-    """The example indices of the whole run in order, `per_step` (the global batch) per step.
-
-    Depends on the data, the seed and the global batch only, never on the mode, so the OverFill
-    decoder and the pruned baseline see the same examples in the same order. With a token budget:
-    the fewest steps whose examples hold `tokens` tokens (`lengths` are prompt + response).
-    """
-    order = epoch_order(len(lengths), seed)
-    if tokens is None:
-        return list(islice(order, steps * per_step))
-    plan, seen = [], 0
-    while seen < tokens:
-        step = list(islice(order, per_step))
-        plan += step
-        seen += sum(lengths[i] for i in step)
-    return plan
-
-
-def length_groups(plan: list[int], keys: list[tuple], per_step: int, window: int, seed: int) -> list[int]:
-    """The plan with each window of `window` steps regrouped by length, the same examples per window.
-
-    Within a window, examples are sorted by `keys` (by prompt, then response length: both parts
-    of a batch are padded) and cut into steps of `per_step` (the global batch), whose order is
-    then shuffled with `seed`; a step's micro-batches are consecutive runs of it. A function of
-    the plan, the lengths and the global batch only, so both modes see the same batches in the
-    same order, and any split of a step into processes and micro-batches trains on the same
-    examples. window 0 keeps the plan as it is.
-    """
-    if window <= 0:
-        return plan
-    rng, span, grouped = random.Random(seed + 1), window * per_step, []
-    for start in range(0, len(plan), span):
-        chunk = sorted(plan[start:start + span], key=lambda i: keys[i])
-        steps = [chunk[i:i + per_step] for i in range(0, len(chunk), per_step)]
-        rng.shuffle(steps)
-        grouped += [i for step in steps for i in step]
-    return grouped
-
-
-def plan_fingerprint(examples) -> str:
-    """SHA-1 of the planned examples' ids and tokens, in order: what a resumed run must find again."""
-    import hashlib
-    from array import array
-
-    digest = hashlib.sha1()
-    for e in examples:
-        digest.update(f"{e.uid}:{len(e.prompt_ids)}:".encode())
-        digest.update(array("q", e.prompt_ids + e.response_ids).tobytes())
-    return digest.hexdigest()
-
-
-def length_key(example, bucket: int = 64) -> tuple[int, int]:
-    """Sort key of `length_groups`: prompt length in buckets of `bucket`, then response length."""
-    return len(example.prompt_ids) // bucket, len(example.response_ids)
-
-
-# ---------------------------------------------------------------------------- output directory
-
-def check_resumable(cfg: TrainConfig, out: Path) -> None:
-    saved = out / CONFIG_FILE
-    if not saved.is_file():
-        return
-    changes = cfg.changes_from(TrainConfig.from_json(saved))
-    if changes:
-        raise OverfillError(f"cannot resume the run in '{out}' with other settings ({'; '.join(changes)}): "
-                            f"use the saved settings ({saved}) or a new --out")
-
-
-def check_out_dir(cfg: TrainConfig) -> None:
-    out = check_output_dir(cfg.out)
-    check_not_an_input(out, {"--full": cfg.full, "--decoder": cfg.decoder})
-    holds_a_run = (out / CONFIG_FILE).is_file()
-    if out.is_dir() and any(out.iterdir()) and not holds_a_run:
-        hint = " (it holds no training run to resume)" if cfg.resume else ""
-        raise OverfillError(f"'{out}' is not empty{hint}: choose a new --out")
-    if cfg.resume:
-        check_resumable(cfg, out)
-    elif holds_a_run:
-        raise OverfillError(f"'{out}' holds a training run: pass --resume to continue it, or choose a new --out")
-
-
-def check_not_an_input(out: Path, inputs: dict[str, str]) -> None:
-    """Refuse an output directory that is, or lies inside, a model directory given as an input."""
-    target = out.resolve()
-    for flag, ref in inputs.items():
-        source = Path(ref)
-        if source.is_dir() and (target == source.resolve() or source.resolve() in target.parents):
-            raise OverfillError(f"--out '{out}' is inside the {flag} model directory '{ref}': it would be "
-                                f"overwritten; choose another --out")
-
-
-def checkpoint_dirs(out: Path) -> list[Path]:
-    """The complete checkpoints, oldest first (an incomplete one still has its temporary name)."""
-    root = out / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    found = checkpoint_dirs(out)
-    return found[-1] if found else None
-
-
-def remove_dir(path: Path) -> None:
-    """Rename, then delete: a deletion cut short leaves no half-deleted checkpoint behind."""
-    trash = path.with_name(f".trash-{path.name}")
-    os.replace(path, trash)
-    shutil.rmtree(trash)
-
-
-def clean_temporaries(out: Path) -> None:
-    root = out / CHECKPOINTS
-    if root.is_dir():
-        for path in root.iterdir():
-            if path.name.startswith((".tmp-", ".trash-")):
-                shutil.rmtree(path)
-    root = out / SNAPSHOTS
-    if root.is_dir():
-        for path in root.glob(".tmp-*"):
-            shutil.rmtree(path)
-
-
-def truncate_metrics(path: Path, step: int) -> int:
-    """Drop the lines an interrupted run logged after the checkpoint it resumes from (all, from step 0).
-
-    A line that does not parse (a kill mid-write leaves a partial last line) is dropped too;
-    returns how many such lines there were.
-    """
-    if not path.is_file():
-        return 0
-    if step == 0:
-        path.unlink()
-        return 0
-    kept, damaged = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-            logged = int(record["step"])
-        except (ValueError, TypeError, KeyError):
-            damaged += 1
-            continue
-        if logged <= step:
-            kept.append(line + "\n")
-    write_text_atomic(path, "".join(kept))
-    return damaged
-
-
 # ---------------------------------------------------------------------------- the run
 
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin
 
-    cuda = torch.cuda.is_available()
     return Accelerator(
         # the loop gathers each step's micro-batches first, so the end of the data is no step boundary
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.grad_accum, sync_with_dataloader=False),
         # autocast is ours (`Trainer.autocast`): accelerate's precision is process-global and fixed at first use
         mixed_precision="no",
-        cpu=not cuda,  # lets plain torchrun on a CPU machine run several gloo processes
+        cpu=pick_device("auto").type == "cpu",  # lets plain torchrun on a CPU machine run several gloo processes
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps
     )
 
@@ -391,7 +213,7 @@ class Trainer:
 
         self.cfg, self.out = cfg, Path(cfg.out)
         check_out_dir(cfg)
-        self.precision = resolve_precision(cfg.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        self.precision = resolve_precision(cfg.precision, pick_device("auto"))
         self.accelerator = make_accelerator(cfg)
         set_seed(cfg.seed)
         self.load_models()
@@ -436,7 +258,7 @@ class Trainer:
         self.decoder = decoder.to(device).train()
 
     def load_data(self) -> None:
-        from .data import collate_split, load_examples
+        from .data import load_examples
 
         cfg, world = self.cfg, self.accelerator.num_processes
         per_step = cfg.batch_size * cfg.grad_accum * world
@@ -477,27 +299,7 @@ class Trainer:
             self.val_loader = acc.prepare(self.val_loader)
 
     def restore_newest_loadable(self) -> None:
-        """Resume from the newest checkpoint that loads. One that does not (cut off on a full disk,
-        corrupted) is renamed `damaged-step-N`, kept for a look but not tried again, and the one
-        before it is used."""
-        damaged = 0
-        for checkpoint in reversed(checkpoint_dirs(self.out)):
-            try:
-                self.restore(checkpoint)
-                return
-            except OverfillError:
-                raise
-            except Exception as e:  # noqa: BLE001 - whatever a damaged file raises (safetensors, pickle, OS)
-                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                if self.is_main:
-                    os.replace(checkpoint, checkpoint.with_name(f"damaged-{checkpoint.name}"))
-                self.accelerator.print(f"warning: checkpoint {checkpoint} does not load ({reason[:200]}); set aside "
-                                       f"as damaged-{checkpoint.name}, trying the one before it")
-                self.accelerator.wait_for_everyone()
-                damaged += 1
-        if damaged:  # the failed loads may have changed some weights: do not train on from them
-            raise OverfillError(f"no checkpoint in '{self.out / CHECKPOINTS}' loads (set aside as damaged-step-*): "
-                                f"start a new --out, or rename one back if it can be repaired")
+        restore_newest(self.accelerator, self.out, self.restore)
 
     def restore(self, checkpoint: Path) -> None:
         state = json.loads((checkpoint / STATE_FILE).read_text())  # first: a damaged one fails before loading
@@ -635,25 +437,8 @@ class Trainer:
     # ------------------------------------------------------------------------ checkpoints and output
 
     def save_checkpoint(self, step: int) -> None:
-        """accelerate state + trainer state into a temporary directory, then one rename."""
-        acc, root = self.accelerator, self.out / CHECKPOINTS
-        final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
-        if self.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if self.is_main:
-            (tmp / STATE_FILE).write_text(json.dumps(self.state, indent=2))
-            (tmp / CONFIG_FILE).write_text(self.cfg.to_json())
-            if final.exists():
-                remove_dir(final)
-            os.replace(tmp, final)
-            for old in checkpoint_dirs(self.out)[:-self.cfg.keep]:
-                remove_dir(old)
-        acc.wait_for_everyone()
+        files = {STATE_FILE: json.dumps(self.state, indent=2), CONFIG_FILE: self.cfg.to_json()}
+        save_checkpoint(self.accelerator, self.out, step, files, self.cfg.keep)
 
     def save_final(self, last: dict, wall_seconds: float) -> None:
         from .model import from_state_dict
@@ -676,10 +461,6 @@ class Trainer:
             "padding": 1 - self.state["tokens"] / max(self.state.get("slots", 0), 1),
         }
         (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        print(f"trained {cfg.mode} decoder -> {self.out}: {summary['steps']} steps, {summary['tokens']:,} tokens, "
-              f"{summary['tokens_per_s']:.0f} tokens/s ({summary['precision']}, padding {summary['padding']:.1%}), "
-              f"final loss {summary['final_loss']}, "
-              f"val loss {val_loss}, {wall_seconds:.0f} s")
         acc.wait_for_everyone()
 
     def write_model(self, decoder: Transformer, out: Path) -> None:
@@ -713,6 +494,6 @@ class Trainer:
                     shutil.rmtree(tmp)
                 self.write_model(decoder, tmp)
                 (tmp / "snapshot.json").write_text(json.dumps({**self.state, **record, "budget": n}, indent=2))
-                os.replace(tmp, final)
+                publish_dir(tmp, final)
                 self.accelerator.print(f"snapshot at {self.state['tokens']:,} tokens (budget {n:,}) -> {final}")
         self.accelerator.wait_for_everyone()

@@ -76,7 +76,8 @@ def _tokenizer_fingerprint(path: Path) -> str | None:
     return hashlib.sha1(file.read_bytes()).hexdigest() if file.is_file() else None
 
 
-def _layer_map_of(decoder_dir: Path) -> list[int] | None:
+def layer_map_of(decoder_dir: Path) -> list[int] | None:
+    """The layer_map a decoder directory records (overfill.json, else prune_record.json), if any."""
     for name, key in ((CONFIG_NAME, "layer_map"), ("prune_record.json", "layer_map")):
         file = decoder_dir / name
         if file.is_file():
@@ -140,7 +141,7 @@ class TwoStageModel:
         if decoder is not None:
             decoder_dir = resolve(decoder)
             decoder_model = load_model(decoder_dir, dtype=dtype, device=device)
-            config.layer_map = layer_map if layer_map is not None else _layer_map_of(decoder_dir)
+            config.layer_map = layer_map if layer_map is not None else layer_map_of(decoder_dir)
             saved = decoder_dir / CONFIG_NAME
             if saved.is_file():
                 config.refresh_every = read_config_file(saved).refresh_every
@@ -195,16 +196,10 @@ def split_logits(full: Transformer, decoder: Transformer, tokens: Tensor, attent
     return logits.masked_scatter(prompt_mask[..., None], prompt_logits), full_hidden
 
 
-# ---------------------------------------------------------------------------- `overfill info`
-
-@dataclass
-class InfoArgs:
-    models: list[str] = field(default_factory=list, metadata={
-        "help": "one model reference, or a full model and a decoder to check cache compatibility",
-        "positional": True})
-
+# ---------------------------------------------------------------------------- sizes
 
 def describe(args: ModelArgs) -> dict:
+    """The sizes `overfill info` shows."""
     return {
         "type": args.model_type, "parameters": args.num_params(), "bytes_bf16": 2 * args.num_params(),
         "layers": args.num_hidden_layers, "hidden": args.hidden_size, "intermediate": args.intermediate_size,
@@ -212,22 +207,3 @@ def describe(args: ModelArgs) -> dict:
         "vocab": args.vocab_size,
         "kv_bytes_per_token_bf16": 2 * 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim,
     }
-
-
-def info_command(args: InfoArgs) -> None:
-    from .hub import resolve
-    from .model import read_config
-
-    if not 1 <= len(args.models) <= 2:
-        raise OverfillError("give one model, or a full model and a decoder")
-    dirs = [resolve(m) for m in args.models]
-    described = [ModelArgs.from_hf(read_config(d)) for d in dirs]
-    for ref, model_args in zip(args.models, described):
-        print(f"{ref}:")
-        for key, value in describe(model_args).items():
-            print(f"  {key:26s} {value:,}" if isinstance(value, int) else f"  {key:26s} {value}")
-    if len(described) == 2:
-        problems = check_compatible(*described, layer_map=_layer_map_of(dirs[1]))
-        ratio = described[1].num_params() / described[0].num_params()
-        print(f"decoder/full parameters: {ratio:.3f}")
-        print("KV cache: compatible" if not problems else "KV cache: NOT compatible: " + "; ".join(problems))

@@ -31,3 +31,42 @@ def smollm2_dir():
     from overfill.hub import resolve
 
     return resolve("smollm2-135m-instruct")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def ours(hf):
+    """Our Transformer holding the weights of a transformers model."""
+    from overfill.model import ModelArgs, from_state_dict
+
+    return from_state_dict(ModelArgs.from_hf(hf.config), hf.state_dict())
+
+
+def save_hf_dir(hf, tokenizer, out):
+    """A transformers model saved as a model directory with a tokenizer: a tokenizer object (saved with
+    save_pretrained) or a model directory (its tokenizer files copied as they are). Returns `out`."""
+    import shutil
+    from pathlib import Path
+
+    out = Path(out)
+    hf.save_pretrained(out)
+    if isinstance(tokenizer, (str, Path)):
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer) / name).is_file():
+                shutil.copy(Path(tokenizer) / name, out / name)
+    else:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def save_tiny_dir(out, tokenizer, seed: int = 0, model_type: str = "llama", **overrides):
+    """`tiny_hf_model(model_type, seed, **overrides)` saved as a model directory with `tokenizer` (see save_hf_dir)."""
+    return save_hf_dir(tiny_hf_model(model_type, seed=seed, **overrides), tokenizer, out)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from overfill.hub import load_tokenizer
+
+    return load_tokenizer(smollm2_dir)

@@ -4,22 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from overfill.bench import (LLAMA32_1B, LLAMA32_3B, BenchArgs, bench_command, floor_seconds, kv_bytes_per_token,
+from overfill.bench import (LLAMA32_1B, LLAMA32_3B, BenchConfig, bench, floor_seconds, kv_bytes_per_token,
                             measure_bandwidth, pruned_config, random_model, time_engine, time_hf,
                             weight_bytes_per_step)
 from overfill.errors import OverfillError
-from overfill.generate import BatchDecoder, SamplingParams
-from overfill.model import ModelArgs, from_state_dict
+from overfill.engine import BatchDecoder, SamplingParams
+from overfill.model import ModelArgs
 from overfill.two_stage import TwoStageModel, check_compatible
-from conftest import tiny_hf_config, tiny_hf_model
+from conftest import ours, tiny_hf_config, tiny_hf_model
 
 
 class PadOnly:
     pad_token_id, eos_token_id = 0, 2
-
-
-def ours(hf):
-    return from_state_dict(ModelArgs.from_hf(hf.config), hf.state_dict())
 
 
 PROMPTS = [[5, 17, 33, 9, 41, 7, 12], [8, 3], [60, 61, 62, 63, 64]]
@@ -92,13 +88,13 @@ def test_bytes_per_step_and_floor():
     assert bandwidth["gbps"] == max(bandwidth["copy_gbps"], bandwidth["read_gbps"]) > 0
 
 
-# ---------------------------------------------------------------------------- `overfill bench`
+# ---------------------------------------------------------------------------- the whole bench
 
-def test_bench_command_writes_consistent_results(tmp_path):
+def test_bench_writes_consistent_results(tmp_path):
     tiny_hf_model("llama").save_pretrained(tmp_path / "full")
     out = tmp_path / "results" / "bench.json"
-    bench_command(BenchArgs(full=str(tmp_path / "full"), prompt_len=[6], output_len=[3], batch_size=[1, 2],
-                            refresh_every=[2], repeats=2, warmup=0, out=str(out)))
+    written = bench(BenchConfig(full=str(tmp_path / "full"), prompt_len=[6], output_len=[3], batch_size=[1, 2],
+                                refresh_every=[2], repeats=2, warmup=0, out=str(out)))
     result = json.loads(out.read_text())
     assert set(result["models"]) == {"full", "decoder"}
     full, decoder = result["models"]["full"], result["models"]["decoder"]
@@ -127,6 +123,7 @@ def test_bench_command_writes_consistent_results(tmp_path):
     for name in ("bench_tpot.png", "bench_batch_size.png"):
         assert (out.parent / name).stat().st_size > 0
     assert not (out.parent / "bench_prompt_len.png").exists()  # not swept
+    assert written == [out, out.with_suffix(".md"), out.parent / "bench_tpot.png", out.parent / "bench_batch_size.png"]
 
 
 def test_bench_in_bf16_records_the_precision_and_halves_the_bytes(tmp_path):
@@ -134,9 +131,8 @@ def test_bench_in_bf16_records_the_precision_and_halves_the_bytes(tmp_path):
     runs = {}
     for precision in ("default", "bf16"):
         out = tmp_path / f"{precision}.json"
-        bench_command(BenchArgs(full=str(tmp_path / "full"), prompt_len=[6], output_len=[3], systems=["full", "hf"],
-                                refresh_every=[], repeats=1, warmup=0, precision=precision, out=str(out),
-                                plots=False))
+        bench(BenchConfig(full=str(tmp_path / "full"), prompt_len=[6], output_len=[3], systems=["full", "hf"],
+                          refresh_every=[], repeats=1, warmup=0, precision=precision, out=str(out), plots=False))
         runs[precision] = json.loads(out.read_text())
     assert runs["default"]["precision"] == "fp32" and runs["bf16"]["precision"] == "bf16"
     assert "asked for" in runs["bf16"]["precision_reason"]
@@ -155,5 +151,5 @@ def test_bad_input_is_a_clear_error(tmp_path):
                          (dict(refresh_every=[-1]), "refresh-every"),
                          (dict(prompt_len=[250], output_len=[10]), "context window")):
         with pytest.raises(OverfillError, match=message):
-            bench_command(BenchArgs(**{**base, **bad}))
+            bench(BenchConfig(**{**base, **bad}))
     assert not (tmp_path / "b.json").exists()

@@ -98,14 +98,12 @@ def test_build_with_a_token_budget_through_the_cli(tiny_full, tmp_path):
 
 def test_optional_flags_can_be_unset():
     from overfill.build import BuildConfig
-    from overfill.cli import add_dataclass_arguments
-    import argparse
+    from overfill.cli import parse_args
 
-    parser = argparse.ArgumentParser()
-    add_dataclass_arguments(parser, BuildConfig)
-    assert parser.parse_args([]).limit == 50
-    assert parser.parse_args(["--limit", "none"]).limit is None
-    assert parser.parse_args(["--limit", "null"]).limit is None
-    assert parser.parse_args(["--limit", "7"]).limit == 7
+    assert parse_args(BuildConfig, []).limit == 50
+    assert parse_args(BuildConfig, ["--limit", "none"]).limit is None
+    assert parse_args(BuildConfig, ["--limit", "null"]).limit is None
+    assert parse_args(BuildConfig, ["--limit", "7"]).limit == 7
+    assert parse_args(BuildConfig, ["--tokens", "null"]).tokens is None
     with pytest.raises(SystemExit):
-        parser.parse_args(["--limit", "seven"])
+        parse_args(BuildConfig, ["--limit", "seven"])

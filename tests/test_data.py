@@ -1,10 +1,9 @@
 import json
 
 import pytest
-import torch
 
 from overfill import data
-from overfill.data import Example, collate, load_examples
+from overfill.data import load_examples
 from overfill.errors import OverfillError
 from overfill.hub import load_tokenizer
 
@@ -187,20 +186,6 @@ def test_sharegpt_pieces_share_a_split_key(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "sharegpt_path", lambda: path)
     records = list(data.iter_records("sharegpt"))
     assert [(r.key, r.uid) for r in records] == [("abc", "sharegpt:abc_0"), ("abc", "sharegpt:abc_1"), ("abc", "sharegpt:abc_2")]
-
-
-def test_collate_masks():
-    examples = [Example([1, 2, 3], [4, 5], "a"), Example([6], [7, 8, 9], "b")]
-    batch = collate(examples, pad_id=0)
-    assert batch["tokens"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
-    assert batch["targets"].tolist() == [[2, 3, 4, 5, 0], [7, 8, 9, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[True] * 5, [True] * 4 + [False]]
-    assert batch["prompt_mask"].tolist() == [[True] * 3 + [False] * 2, [True] + [False] * 4]
-    # positions whose target is a response token: the last prompt token predicts the first response token
-    assert batch["loss_mask"].tolist() == [[False, False, True, True, False], [True, True, True, False, False]]
-    for row, e in enumerate(examples):
-        assert batch["targets"][row][batch["loss_mask"][row]].tolist() == e.response_ids
-    assert batch["tokens"].dtype == torch.long and batch["loss_mask"].dtype == torch.bool
 
 
 def test_calibration_texts(tokenizer, tmp_path):

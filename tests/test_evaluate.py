@@ -1,7 +1,6 @@
 import copy
 import json
 import math
-import shutil
 import statistics
 import time
 
@@ -15,13 +14,12 @@ from overfill import evaluate as ev
 from overfill.cli import main
 from overfill.errors import OverfillError
 from overfill.hub import load_tokenizer
-from overfill.model import ModelArgs, from_state_dict
+from overfill.report import load_results
 from overfill.tasks import Doc, Task, shared_context_doc
 from overfill.two_stage import TwoStageModel, split_logits
-from conftest import tiny_hf_model
+from conftest import ours, save_hf_dir as save_tiny, tiny_hf_model
 
 VOCAB = 49152  # the SmolLM2 tokenizer's: real tokenisation, tiny random weights
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +35,6 @@ def full_hf():
 @pytest.fixture(scope="module")
 def decoder_hf():
     return tiny_hf_model("llama", seed=1, vocab_size=VOCAB, hidden_size=32, intermediate_size=48)
-
-
-def ours(hf):
-    return from_state_dict(ModelArgs.from_hf(hf.config), hf.state_dict())
-
-
-def save_tiny(hf, tokenizer_dir, out):
-    hf.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        shutil.copy(tokenizer_dir / name, out / name)
-    return out
 
 
 def hf_logprobs(hf, context, continuation):
@@ -263,7 +250,7 @@ def test_eval_command_three_modes_and_report(tmp_path, tiny_dirs, chat_file):
                      "--limit", "3", "--chat-examples", "2", "--chat-source", chat_file,
                      "--chat-max-new-tokens", "4", "--out", str(out)]) == 0
         outs.append(str(out))
-    record = ev.load_results(outs[2])
+    record = load_results(outs[2])
     assert record["mode"] == "overfill" and record["models"]["decoder"] == decoder
     assert record["models"]["decode_params"] == record["models"]["decoder_params"] < record["models"]["full_params"]
     assert record["settings"]["limit"] == 3 and record["tasks"]["arc_easy"]["samples"] == 3
@@ -282,18 +269,6 @@ def test_eval_command_three_modes_and_report(tmp_path, tiny_dirs, chat_file):
 def test_unknown_task_lists_the_available_ones(tiny_dirs):
     with pytest.raises(OverfillError, match="unknown task 'nope'.*arc_easy"):
         ev.evaluate(ev.EvalConfig(full=str(tiny_dirs[0]), tasks="arc_easy,nope"))
-
-
-def test_report_rejects_files_of_another_format(tmp_path, capsys):
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"results": {}}')
-    assert main(["eval", "--report", str(bad), "--out", str(tmp_path / "r.md")]) == 2
-    assert "not a results file of `overfill eval`" in capsys.readouterr().err
-    bad.write_text("not json")
-    with pytest.raises(OverfillError, match="not a results file"):
-        ev.load_results(bad)
-    with pytest.raises(OverfillError, match="not found"):
-        ev.load_results(tmp_path / "missing.json")
 
 
 # ---------------------------------------------------------------------------- real model
@@ -317,7 +292,7 @@ def test_default_suite_on_smollm2_in_three_modes(tmp_path, smollm2_decoder, chat
         assert main(["eval", "--decoder", smollm2_decoder, "--mode", mode, "--limit", "5", "--chat-examples", "2",
                      "--chat-source", chat_file, "--chat-max-new-tokens", "8", "--out", str(out)]) == 0
         outs.append(str(out))
-    records = [ev.load_results(o) for o in outs]
+    records = [load_results(o) for o in outs]
     assert all(list(r["tasks"]) == list(ev.task_names("default")) for r in records)
     full, pruned, overfill = (r["average"]["acc"] for r in records)
     # the decoder is pruned but untrained: alone it is lost; in OverFill the full model reads the

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from overfill.errors import OverfillError
-from overfill.generate import BatchDecoder, SamplingParams, TextState, encode, generate, stream, stream_batch
-from overfill.model import ModelArgs, from_state_dict
+from overfill.engine import BatchDecoder
+from overfill.generate import SamplingParams, TextState, encode, generate, stream, stream_batch
 from overfill.two_stage import TwoStageModel
-from conftest import tiny_hf_model
+from conftest import ours, tiny_hf_model
 
 
 class ToyTokenizer:
@@ -18,10 +18,6 @@ class ToyTokenizer:
 
     def __call__(self, text, add_special_tokens=True):
         return {"input_ids": [int(t) for t in text.split()]}
-
-
-def ours(hf):
-    return from_state_dict(ModelArgs.from_hf(hf.config), hf.state_dict())
 
 
 def hf_greedy(hf, prompts, n):
@@ -195,3 +191,29 @@ def test_generate_command_decodes_in_the_precision_asked_for(tmp_path, capsys, m
     with pytest.raises(SystemExit) as e:
         main(["generate", "--full", str(full), "--precision", "fp16", "w1"])
     assert e.value.code == 2 and "fp16" in capsys.readouterr().err
+
+
+class CountingTokenizer:
+    """A real tokenizer that records how many ids each decode call gets."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoded = tokenizer, []
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.decoded.append(len(ids))
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_streamed_text_is_decoded_incrementally_and_holds_back_partial_characters():
+    from overfill.hub import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    text = "naïve café, 日本語のテキスト 🙂🚀 costs €5 — done. " * 4
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    counting = CountingTokenizer(tokenizer)
+    state = TextState(counting, SamplingParams(), len(ids), set(), 0)
+    pieces = [state.add(t) for t in ids]
+    assert "".join(pieces) == state.text == tokenizer.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert pieces.count("") > 0  # multi-token characters wait for their last byte
+    assert max(counting.decoded) <= 8  # a short window per token, not the whole text

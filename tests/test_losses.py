@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from overfill.data import Example, collate, collate_split, padding_fraction
+from overfill.batching import collate, collate_split
+from overfill.data import Example
 from overfill.losses import reference_losses, response_losses, token_losses
 from overfill.model import ModelArgs, Transformer
 
@@ -88,15 +89,6 @@ def test_token_losses_match_torch_distributions_in_chunks():
                                                  torch.distributions.Categorical(logits=s))
     assert_close(kl, expected.detach(), atol=1e-5, rtol=1e-5)
     assert_close(ce, torch.nn.functional.cross_entropy(s, targets, reduction="none").detach())
-
-
-def test_collate_split_layout_and_padding_fraction():
-    batch = collate_split([Example([5, 6, 7], [9, 10], "a"), Example([8], [11, 12, 13], "b")], pad_id=0)
-    assert batch["prompt_tokens"].tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert batch["prompt_valid"].tolist() == [[True] * 3, [False, False, True]]
-    assert batch["response_tokens"].tolist() == [[9, 10, 0], [11, 12, 13]]
-    assert batch["response_valid"].tolist() == [[True, True, False], [True] * 3]
-    assert padding_fraction(batch) == pytest.approx(3 / 12)
 
 
 def test_right_aligned_puts_each_row_from_slot_0():

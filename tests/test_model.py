@@ -5,7 +5,7 @@ from torch.testing import assert_close
 from overfill.errors import OverfillError
 from overfill.model import (ModelArgs, causal_mask, from_state_dict, load_model, positions_from_padding,
                             save_model)
-from conftest import tiny_hf_config, tiny_hf_model
+from conftest import ours, tiny_hf_model
 
 ARCHS = [
     ("llama", {}),
@@ -17,10 +17,6 @@ ARCHS = [
     ("qwen2", {}),
     ("qwen3", {}),
 ]
-
-
-def ours(hf) -> "torch.nn.Module":
-    return from_state_dict(ModelArgs.from_hf(hf.config), hf.state_dict())
 
 
 def full_mask(attention_mask):
@@ -175,3 +171,98 @@ def test_bf16_training_attention_equals_sdpa_forward_and_backward():
         torch.testing.assert_close(f.float(), g, atol=6e-2, rtol=6e-2)
     with torch.no_grad():  # inference keeps SDPA
         torch.testing.assert_close(attention(q, k, v, mask), reference.detach())
+
+
+# ---------------------------------------------------------------------------- positions and masks
+
+def test_positions_count_the_real_tokens_before_each_slot():
+    mask = torch.tensor([[0, 0, 1, 1, 1],   # left padding (a prompt batch)
+                         [1, 1, 1, 1, 1],   # no padding
+                         [1, 1, 1, 0, 0],   # right padding (a response batch): pads repeat the last position
+                         [0, 0, 0, 0, 0]])  # all padding
+    expected = torch.tensor([[0, 0, 0, 1, 2],
+                             [0, 1, 2, 3, 4],
+                             [0, 1, 2, 2, 2],
+                             [0, 0, 0, 0, 0]])
+    assert torch.equal(positions_from_padding(mask), expected)
+    assert torch.equal(positions_from_padding(mask.bool()), expected)
+    assert positions_from_padding(mask).dtype == torch.long
+
+
+def test_positions_of_a_left_padded_row_are_those_it_has_alone():
+    alone = positions_from_padding(torch.ones(1, 3, dtype=torch.long))
+    padded = positions_from_padding(torch.tensor([[0, 0, 0, 0, 1, 1, 1]]))
+    assert torch.equal(padded[:, 4:], alone)
+
+
+def test_positions_equal_transformers_generation_position_ids_on_real_tokens():
+    hf = tiny_hf_model("llama")
+    prepare = getattr(hf, "_prepare_position_ids_for_generation", None)
+    if prepare is None:
+        pytest.skip("this transformers has no _prepare_position_ids_for_generation")
+    torch.manual_seed(0)
+    mask = (torch.rand(6, 9) > 0.3).long()
+    mask[:3, :4] = 0  # some rows left-padded, the rest with holes anywhere
+    tokens = torch.randint(3, 128, mask.shape)
+    reference = prepare(tokens, {"attention_mask": mask})
+    got = positions_from_padding(mask)
+    real = mask.bool()
+    assert torch.equal(got[real], reference[real])
+    assert torch.equal(got[:3, :4], reference[:3, :4])  # both give left padding position 0
+
+
+def test_prefill_mask_with_left_padding_is_causal_over_real_keys():
+    valid = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    mask = causal_mask(valid, torch.arange(4))
+    assert mask.shape == (2, 1, 4, 4) and mask.dtype == torch.bool
+    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0],   # a padding query sees only itself
+                                         [0, 1, 0, 0],
+                                         [0, 1, 1, 0],
+                                         [0, 1, 1, 1]]
+    assert torch.equal(mask[1, 0], torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+def test_single_slot_decode_mask_sees_valid_keys_up_to_its_slot():
+    valid = torch.tensor([[False, False, True, True, True, True],
+                          [True, True, True, True, True, True]])
+    last = causal_mask(valid, torch.tensor([5]))
+    assert last.shape == (2, 1, 1, 6)
+    assert last[:, 0, 0].int().tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    # a static cache holds more slots than are filled: the ones after the query's slot stay hidden
+    middle = causal_mask(valid, torch.tensor([3]))
+    assert middle[:, 0, 0].int().tolist() == [[0, 0, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]]
+
+
+def test_mask_with_a_prefix_of_invalid_slots():
+    """Rows moved right in the cache (their first slots free) and queries for several new slots at once."""
+    valid = torch.tensor([[False, False, False, True, True, True, True]])
+    mask = causal_mask(valid, torch.tensor([5, 6]))
+    assert mask[0, 0].int().tolist() == [[0, 0, 0, 1, 1, 1, 0],
+                                         [0, 0, 0, 1, 1, 1, 1]]
+
+
+def test_a_row_of_padding_only_gives_finite_attention():
+    valid = torch.zeros(1, 4, dtype=torch.bool)
+    mask = causal_mask(valid, torch.arange(4))
+    assert torch.equal(mask[0, 0], torch.eye(4, dtype=torch.bool))  # each query sees itself, nothing else
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.isfinite(out).all() and torch.allclose(out, v)
+
+
+def test_causal_mask_is_transformers_sdpa_mask_plus_each_query_seeing_itself():
+    import inspect
+
+    from transformers.masking_utils import sdpa_mask
+
+    if "q_offset" not in inspect.signature(sdpa_mask).parameters:
+        pytest.skip("this transformers' sdpa_mask takes other arguments")
+    torch.manual_seed(0)
+    valid = torch.rand(5, 10) > 0.25
+    valid[:2, :3] = False  # left padding
+    for first, T in ((0, 10), (9, 1), (6, 4)):  # a prefill, a decode step, a chunk
+        slots = torch.arange(first, first + T)
+        reference = sdpa_mask(batch_size=5, q_length=T, kv_length=10, q_offset=first, attention_mask=valid,
+                              allow_is_causal_skip=False)
+        own = slots[:, None] == torch.arange(10)[None, :]  # [T, S]
+        assert torch.equal(causal_mask(valid, slots), reference | own), (first, T)

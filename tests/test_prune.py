@@ -6,13 +6,14 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import tiny_hf_config, tiny_hf_model
+from conftest import ours, tiny_hf_config, tiny_hf_model
 from overfill.cli import main
 from overfill.errors import OverfillError
 from overfill.hub import load_tokenizer
-from overfill.model import ModelArgs
+from overfill.model import ModelArgs, Transformer, causal_mask, load_model
 from overfill.prune import CONFIG_FILE, RECORD_FILE, PruneConfig, PruneRecord, plan, prune, prune_model
 from overfill.two_stage import TwoStageModel, check_compatible
+from test_model import ARCHS
 
 ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3"]
 TEXTS = [f"Sample {i}: the quick brown fox jumps over the lazy dog, {i * 7} times!" * (1 + i % 3) for i in range(10)]
@@ -45,7 +46,11 @@ def wide_model(arch="llama", **overrides):
 
 
 def logits(model, tokens=torch.arange(4, 40).view(2, 18)):
+    """[B, T, V] of a transformers model or of our Transformer."""
     with torch.no_grad():
+        if isinstance(model, Transformer):
+            slots = torch.arange(tokens.shape[1])
+            return model(tokens, slots.expand_as(tokens), causal_mask(torch.ones_like(tokens, dtype=torch.bool), slots))
         return model(input_ids=tokens).logits
 
 
@@ -178,7 +183,11 @@ def reference_with_zeros(full, kept: dict, head_dim: int):
 def test_pruning_every_dimension_equals_zeroing_what_is_removed(arch):
     dead = torch.randperm(64, generator=torch.Generator().manual_seed(1))[:16]
     full = with_dead_channels(wide_model(arch, rms_norm_eps=1e-12, tie_word_embeddings=arch == "qwen3"), dead)
-    pruned = copy.deepcopy(full)
+    with torch.no_grad():  # Qwen3's q_norm / k_norm (ones at init) must survive head pruning as they are
+        for name, param in full.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.uniform_(0.5, 1.5)
+    pruned = ours(full)
     cfg = PruneConfig(hidden=48, intermediate=0.5, heads=0.5, depth=0.25, multiple=8, precision="fp32")
     record = prune_model(pruned, tiny_tokenizer(), cfg, TEXTS)
     assert sorted(set(range(64)) - set(record.kept["hidden"])) == sorted(dead.tolist())
@@ -192,7 +201,7 @@ def test_pruning_every_dimension_equals_zeroing_what_is_removed(arch):
 def test_pruned_model_loads_with_plain_transformers_and_two_stage(tmp_path, arch):
     full = wide_model(arch, tie_word_embeddings=arch in ("qwen2", "qwen3"))
     full_dir = model_dir(tmp_path, full)
-    in_memory = copy.deepcopy(full)
+    in_memory = ours(full)
     cfg = PruneConfig(hidden=0.5, intermediate=0.5, heads=0.5, depth=3, multiple=8, precision="fp32")
     expected = prune_model(in_memory, load_tokenizer(full_dir), cfg, TEXTS)  # as prune() tokenizes
     record = prune(full_dir, cfg, tmp_path / "out", texts=TEXTS)
@@ -239,6 +248,67 @@ def test_record_and_config_are_saved(tmp_path):
     assert record.rounding["hidden"]["kept"] == 32 and record.layer_map is None
 
 
+WIDTH_KEYS = {"hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "num_hidden_layers", "layer_types", "dtype"}
+
+
+@pytest.mark.parametrize("arch,overrides", ARCHS)
+def test_pruned_directory_gives_the_same_logits_in_transformers_and_ours(tmp_path, arch, overrides):
+    full_dir = model_dir(tmp_path, tiny_hf_model(arch, **overrides))
+    cfg = PruneConfig(hidden=0.5, intermediate=0.5, heads=0.5, depth=0.5, multiple=8, precision="fp32")
+    prune(full_dir, cfg, tmp_path / "out", texts=TEXTS)
+    ours_loaded = load_model(tmp_path / "out")
+    args = ours_loaded.args
+    assert (args.hidden_size, args.intermediate_size, args.num_attention_heads, args.num_hidden_layers) == (32, 48, 2, 1)
+    assert_close(logits(load(tmp_path / "out")), logits(ours_loaded), atol=1e-5, rtol=1e-4)
+    source = json.loads((full_dir / "config.json").read_text())
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert {k: v for k, v in written.items() if k not in WIDTH_KEYS} == {
+        k: v for k, v in source.items() if k not in WIDTH_KEYS}
+    files = {p.name for p in full_dir.iterdir()}  # config, generation config, weights, tokenizer
+    assert {p.name for p in (tmp_path / "out").iterdir()} == files | {CONFIG_FILE, RECORD_FILE}
+
+
+def test_a_fused_model_is_pruned_like_an_unfused_one_without_stale_buffers():
+    hf = wide_model("qwen2")  # q/k/v biases: the fused bias is sliced too
+    plain, fused = ours(hf), ours(hf).fuse_projections()
+    cfg = PruneConfig(hidden=0.5, intermediate=0.5, heads=0.5, multiple=8, precision="fp32")
+    kept = prune_model(plain, tiny_tokenizer(), cfg, TEXTS).kept
+    assert prune_model(fused, tiny_tokenizer(), cfg, TEXTS).kept == kept
+    for layer in fused.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert attn.fused_weight.shape == (4 * 16 + 2 * 2 * 16, 32) and attn.fused_bias.shape == (4 * 16 + 2 * 2 * 16,)
+        assert attn.q_proj.weight.data_ptr() == attn.fused_weight.data_ptr()  # the parameters are views of it again
+        assert mlp.fused_weight.shape == (2 * 48, 32) and mlp.gate_proj.weight.data_ptr() == mlp.fused_weight.data_ptr()
+    assert_close(logits(fused), logits(plain))  # no_grad: the fused products
+
+
+HOT_PATH = """
+import sys
+from pathlib import Path
+from overfill.model import ModelArgs, Transformer
+from overfill.prune import PruneConfig, _save, prune_model
+args = ModelArgs(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+def tokenize(texts, truncation, max_length):
+    return {"input_ids": [[ord(c) % 128 for c in t][:max_length] for t in texts]}
+model, cfg = Transformer(args), PruneConfig(hidden=0.5, multiple=8, precision="fp32", device="cpu")
+record = prune_model(model, tokenize, cfg, ["some calibration text"] * 4)
+out = Path(sys.argv[1])
+_save(model, out, {"model_type": "llama"}, cfg, record, out / "pruned")
+assert (out / "pruned" / "model.safetensors").is_file()
+assert "transformers" not in sys.modules, "transformers was imported"
+"""
+
+
+def test_pruning_and_saving_do_not_import_transformers(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", HOT_PATH, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------- importance
 
 def test_planted_hidden_channels():
@@ -250,7 +320,7 @@ def test_planted_hidden_channels():
         for norm in norms:
             norm.weight[strong] *= 10
             norm.weight[dead] = 0
-    record = prune_model(model, tiny_tokenizer(), PruneConfig(hidden=48, multiple=8, precision="fp32"), TEXTS)
+    record = prune_model(ours(model), tiny_tokenizer(), PruneConfig(hidden=48, multiple=8, precision="fp32"), TEXTS)
     assert strong in record.kept["hidden"] and dead not in record.kept["hidden"]
 
 
@@ -263,7 +333,8 @@ def test_planted_mlp_neurons(arch):
         mlp.gate_proj.weight[strong] *= 10
         mlp.up_proj.weight[strong] = mlp.gate_proj.weight[strong]  # silu(z) * z > 0: a large positive activation
         mlp.up_proj.weight[dead] = 0
-    record = prune_model(model, tiny_tokenizer(), PruneConfig(intermediate=0.75, multiple=8, precision="fp32"), TEXTS)
+    record = prune_model(ours(model), tiny_tokenizer(), PruneConfig(intermediate=0.75, multiple=8, precision="fp32"),
+                         TEXTS)
     assert strong in record.kept["intermediate"][0] and dead not in record.kept["intermediate"][0]
 
 
@@ -282,7 +353,7 @@ def test_planted_attention_heads():
         q[strong] = 50 * attn.k_proj.weight.view(2, head_dim, -1)[0]  # q = 50 k: attends to its own token
         q[dead] = 0  # uniform attention
     texts = ["ab" * (8 + i) for i in range(8)]
-    record = prune_model(model, tokenizer, PruneConfig(heads=0.5, precision="fp32"), texts)
+    record = prune_model(ours(model), tokenizer, PruneConfig(heads=0.5, precision="fp32"), texts)
     heads = record.kept["heads"][0]
     assert len(heads) == 4 and sum(h < 4 for h in heads) == 2  # two per KV group
     assert strong in heads and dead not in heads
@@ -304,7 +375,7 @@ def test_cosine_depth_pruning_drops_the_block_that_changes_nothing(tmp_path):
 
 @pytest.mark.parametrize("method, layers", [("first", [0, 1]), ("last", [2, 3]), ("firstlast", [0, 3])])
 def test_depth_by_position(method, layers):
-    record = prune_model(wide_model(), tiny_tokenizer(), PruneConfig(depth=0.5, depth_method=method), TEXTS)
+    record = prune_model(ours(wide_model()), tiny_tokenizer(), PruneConfig(depth=0.5, depth_method=method), TEXTS)
     assert record.layer_map == layers
 
 
@@ -313,7 +384,7 @@ def test_depth_by_position(method, layers):
 @pytest.mark.parametrize("texts", [[], ["", "   \n"]])
 def test_empty_calibration_data_is_an_error(texts):
     with pytest.raises(OverfillError, match="calibration"):
-        prune_model(tiny_hf_model(), tiny_tokenizer(), PruneConfig(hidden=0.5), texts)
+        prune_model(ours(tiny_hf_model()), tiny_tokenizer(), PruneConfig(hidden=0.5), texts)
 
 
 def test_an_existing_output_directory_is_kept(tmp_path):

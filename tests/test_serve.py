@@ -18,7 +18,9 @@ import pytest
 
 from overfill.errors import OverfillError
 from overfill.generate import SamplingParams, encode, stream_batch
-from overfill.serve import ContinuousBatcher, Job, ServeArgs, create_app, listen_socket, serve_command, uvicorn_server
+from overfill.commands.serve import ServeArgs, serve_command
+from overfill.engine import ContinuousBatcher
+from overfill.serve import create_app, listen_socket, text_job, uvicorn_server
 from overfill.two_stage import TwoStageModel
 from conftest import tiny_hf_model
 
@@ -62,9 +64,10 @@ def chat_ids(model, text):
     return encode(model.tokenizer, [{"role": "user", "content": text}])
 
 
-def job(prompt_ids, **params):
+def job(model, prompt_ids, **params):
+    """A job as the server makes it (text events), and the list its events go to."""
     events = []
-    return Job(list(prompt_ids), SamplingParams(**params), sink=events.append), events
+    return text_job(model, list(prompt_ids), SamplingParams(**params), events.append), events
 
 
 def text_of(events):
@@ -89,7 +92,7 @@ def test_requests_joining_a_running_batch_decode_exactly_as_alone(model):
     settings = {"a": dict(max_new_tokens=16, ignore_eos=True), "b": dict(max_new_tokens=4, ignore_eos=True),
                 "c": dict(max_new_tokens=10, ignore_eos=True),
                 "d": dict(max_new_tokens=8, ignore_eos=True, temperature=0.9, top_p=0.9, seed=7)}
-    jobs = {k: job(ids[k], **settings[k]) for k in ids}
+    jobs = {k: job(model, ids[k], **settings[k]) for k in ids}
 
     assert batcher.admit(deque([jobs["a"][0]])) == 1 and batcher.column == 5
     for _ in range(3):
@@ -116,13 +119,45 @@ def test_requests_joining_a_running_batch_decode_exactly_as_alone(model):
     assert (s.completed, s.cancelled, s.failed, s.peak_rows, s.joined_running) == (3, 1, 0, 3, 3)
 
 
+def test_the_compiled_batcher_decodes_as_the_eager_one_on_a_padded_row_bucket(model):
+    # 3 live rows run as a bucket of 4 (the 4th row computes and is ignored): one compiled graph,
+    # with greedy and sampled rows side by side.
+    def run(compile):
+        batcher = ContinuousBatcher(model, max_batch=4, compile=compile)
+        settings = [dict(max_new_tokens=8, ignore_eos=True), dict(max_new_tokens=8, ignore_eos=True),
+                    dict(max_new_tokens=8, ignore_eos=True, temperature=0.8, top_k=50, seed=3)]
+        jobs = [job(model, chat_ids(model, f"prompt number {i}" + " more" * i), **p) for i, p in enumerate(settings)]
+        batcher.admit(deque([j for j, _ in jobs]))
+        assert batcher._bucket(len(batcher.rows)) == (4 if compile else 3)
+        run_out(batcher)
+        return [text_of(events) for _, events in jobs]
+
+    compiled = run(compile=True)
+    assert compiled == run(compile=False)
+    assert len(set(compiled)) == 3
+
+
+def test_warm_up_runs_every_row_bucket_and_leaves_the_batcher_empty(model):
+    batcher = ContinuousBatcher(model, max_batch=5)
+    assert batcher.warm_up() == 5  # eager: every row count is its own shape
+    assert not batcher.rows and batcher.column == 0 and batcher.stats.steps == 0
+    batcher.compile = True  # (only to read the buckets)
+    assert sorted({batcher._bucket(n) for n in range(1, 6)}) == [1, 2, 4, 5]
+    batcher.compile = False
+    ids = chat_ids(model, "after the warm-up")
+    j, events = job(model, ids, max_new_tokens=6, ignore_eos=True)
+    batcher.admit(deque([j]))
+    run_out(batcher)
+    assert text_of(events) == alone(model, ids, j.params).text
+
+
 def test_refresh_in_a_running_batch_equals_refresh_alone(model):
     # With K=1 every token is re-processed by the full model right after it is written, so the
     # batch's global refresh schedule is the same as each request's own.
     batcher = ContinuousBatcher(model, max_batch=2, refresh_every=1)
     params = dict(max_new_tokens=8, ignore_eos=True)
     first, second = chat_ids(model, "refresh me"), chat_ids(model, "and me, a little later please")
-    (a, a_events), (b, b_events) = job(first, **params), job(second, **params)
+    (a, a_events), (b, b_events) = job(model, first, **params), job(model, second, **params)
     batcher.admit(deque([a]))
     for _ in range(3):
         batcher.step()
@@ -136,12 +171,12 @@ def test_refresh_in_a_running_batch_equals_refresh_alone(model):
 def test_a_failing_request_leaves_the_others_alone(model):
     batcher = ContinuousBatcher(model, max_batch=4)
     good_ids = chat_ids(model, "keep going")
-    good, good_events = job(good_ids, max_new_tokens=8, ignore_eos=True)
+    good, good_events = job(model, good_ids, max_new_tokens=8, ignore_eos=True)
     batcher.admit(deque([good]))
     batcher.step()
-    bad_token, bad_token_events = job([5, len(model.tokenizer) + 10], max_new_tokens=5)  # prefill raises
-    too_long, too_long_events = job(list(range(10, 10 + WINDOW)), max_new_tokens=5)
-    after, after_events = job(chat_ids(model, "next in line"), max_new_tokens=4)
+    bad_token, bad_token_events = job(model, [5, len(model.tokenizer) + 10], max_new_tokens=5)  # prefill raises
+    too_long, too_long_events = job(model, list(range(10, 10 + WINDOW)), max_new_tokens=5)
+    after, after_events = job(model, chat_ids(model, "next in line"), max_new_tokens=4)
     waiting = deque([too_long, bad_token, after])
     batcher.admit(waiting)
     assert not waiting  # neither failure blocks the queue
@@ -158,8 +193,8 @@ def test_a_sink_that_raises_cancels_only_its_row(model):
     def gone(event):
         raise RuntimeError("event loop is closed")
 
-    broken = Job(chat_ids(model, "nobody listens"), SamplingParams(8, ignore_eos=True), sink=gone)
-    ok, ok_events = job(chat_ids(model, "somebody listens"), max_new_tokens=8, ignore_eos=True)
+    broken = text_job(model, chat_ids(model, "nobody listens"), SamplingParams(8, ignore_eos=True), gone)
+    ok, ok_events = job(model, chat_ids(model, "somebody listens"), max_new_tokens=8, ignore_eos=True)
     batcher.admit(deque([broken, ok]))
     run_out(batcher)
     assert broken.cancelled and batcher.stats.cancelled == 1

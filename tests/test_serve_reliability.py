@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from overfill.generate import SamplingParams, TextState, encode
-from overfill.serve import DEFAULT_MAX_BODY_BYTES, APIError, ContinuousBatcher, PromptEncoder, create_app
+from overfill.engine import ContinuousBatcher
+from overfill.serve import DEFAULT_MAX_BODY_BYTES, APIError, PromptEncoder, create_app
 from test_serve import (NAME, TIMEOUT, WINDOW, alone, chat, chat_ids, client_for, health, job, model,  # noqa: F401
                         run_out, serving, text_of, tiny_pair, wait_until)
 
@@ -140,7 +141,7 @@ def test_the_normalizer_bounds_the_characters_per_token():
 def unbounded_job(model, text):
     """A job as the server makes it for a chat request without max_tokens: the rest of the window."""
     ids = chat_ids(model, text)
-    return job(ids, max_new_tokens=model.context_window - len(ids))
+    return job(model, ids, max_new_tokens=model.context_window - len(ids))
 
 
 def test_requests_without_max_tokens_are_admitted_together_and_decode_as_alone(small):
@@ -156,8 +157,8 @@ def test_requests_without_max_tokens_are_admitted_together_and_decode_as_alone(s
 def test_a_young_row_goes_on_past_the_window_end_where_an_old_one_began(small):
     batcher = ContinuousBatcher(small, max_batch=2)
     old_ids, young_ids = chat_ids(small, "old"), chat_ids(small, "young")
-    old, old_events = job(old_ids, max_new_tokens=60, ignore_eos=True)
-    young, young_events = job(young_ids, max_new_tokens=SMALL_WINDOW - len(young_ids), ignore_eos=True)
+    old, old_events = job(small, old_ids, max_new_tokens=60, ignore_eos=True)
+    young, young_events = job(small, young_ids, max_new_tokens=SMALL_WINDOW - len(young_ids), ignore_eos=True)
     batcher.admit(deque([old]))
     for _ in range(40):
         batcher.step()

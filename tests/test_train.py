@@ -13,8 +13,8 @@ from overfill.cli import main
 from overfill.data import in_validation
 from overfill.errors import OverfillError
 from overfill.model import load_state_dict
-from overfill.train import (TrainConfig, Trainer, batch_plan, checkpoint_dirs, latest_checkpoint, length_groups,
-                            train)
+from overfill.checkpoint import checkpoint_dirs, latest_checkpoint
+from overfill.train import TrainConfig, Trainer, train
 from overfill.two_stage import TwoStageModel
 from conftest import tiny_hf_model
 
@@ -176,19 +176,6 @@ def test_both_modes_see_the_same_batches(tiny, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_length_groups_regroup_within_windows_deterministically():
-    plan = list(range(32))
-    keys = [((7 * i) % 32, 0) for i in range(32)]
-    grouped = length_groups(plan, keys, per_step=4, window=4, seed=0)
-    assert grouped == length_groups(plan, keys, per_step=4, window=4, seed=0)
-    assert length_groups(plan, keys, per_step=4, window=0, seed=0) == plan
-    for start in (0, 16):  # each window keeps its examples
-        assert sorted(grouped[start:start + 16]) == plan[start:start + 16]
-    batches = [grouped[i:i + 4] for i in range(0, 32, 4)]
-    spread = [max(keys[i][0] for i in b) - min(keys[i][0] for i in b) for b in batches]
-    assert max(spread) < 16  # grouped by length: random batches of this plan span ~the whole range
-
-
 def test_padding_and_precision_are_logged(tiny, tmp_path):
     out = train(config(tiny, tmp_path / "out", steps=2, length_window=0))
     grouped = train(config(tiny, tmp_path / "grouped", steps=2, length_window=8))
@@ -208,17 +195,6 @@ def test_bf16_training_runs_with_fp32_master_weights_and_a_bf16_full_model(tiny,
     assert all(torch.isfinite(torch.tensor(losses)))
     reference = [m["loss"] for m in metrics(train(config(tiny, tmp_path / "fp32", steps=2)))]
     assert losses[0] == pytest.approx(reference[0], rel=0.05)  # bf16 rounding, not another loss
-
-
-def test_batch_plan_epochs_and_token_budget():
-    lengths = [10, 20, 30, 40, 50]
-    plan = batch_plan(lengths, per_step=2, seed=0, steps=5)
-    assert len(plan) == 10 and sorted(plan[:5]) == [0, 1, 2, 3, 4] and sorted(plan[5:]) == [0, 1, 2, 3, 4]
-    assert plan == batch_plan(lengths, per_step=2, seed=0, steps=5)
-    assert plan != batch_plan(lengths, per_step=2, seed=1, steps=5)
-    budget = batch_plan(lengths, per_step=2, seed=0, tokens=200)
-    seen = [sum(lengths[i] for i in budget[:k]) for k in range(0, len(budget) + 1, 2)]
-    assert seen[-1] >= 200 > seen[-2] and budget == plan[:len(budget)]
 
 
 def test_resume_after_a_kill_mid_checkpoint_reproduces_the_loss_curve(tiny, tmp_path, monkeypatch):

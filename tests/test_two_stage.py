@@ -5,9 +5,9 @@ import torch
 from torch.testing import assert_close
 
 from overfill.errors import OverfillError
-from overfill.generate import decode_step, prefill
+from overfill.engine import decode_step, prefill
 from overfill.model import ModelArgs, causal_mask, from_state_dict, positions_from_padding
-from overfill.two_stage import TwoStageModel, check_compatible, info_command, InfoArgs, split_logits
+from overfill.two_stage import TwoStageModel, check_compatible, split_logits
 from conftest import tiny_hf_model, tiny_hf_config
 
 
@@ -103,11 +103,3 @@ def test_save_and_load_an_overfill_directory(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(OverfillError, match="no overfill.json"):
         TwoStageModel.from_pretrained(tmp_path / "pruned")
-
-
-def test_info_reports_sizes_and_compatibility(tmp_path, capsys):
-    tiny_hf_model("llama").save_pretrained(tmp_path / "a")
-    tiny_hf_model("llama", num_key_value_heads=4).save_pretrained(tmp_path / "b")
-    info_command(InfoArgs([str(tmp_path / "a"), str(tmp_path / "b")]))
-    out = capsys.readouterr().out
-    assert "parameters" in out and "NOT compatible" in out and "num_key_value_heads" in out

@@ -18,7 +18,8 @@ import torch
 
 from benchmarks.serve_load import sharegpt_prompts
 from overfill.bench import machine
-from overfill.generate import BatchDecoder, SamplingParams, encode
+from overfill.engine import BatchDecoder, SamplingParams
+from overfill.generate import encode
 from overfill.two_stage import TwoStageModel
 
 

@@ -4,7 +4,7 @@
 
 For each weight shape of SmolLM2-135M and its 45 %-pruned decoder, in bf16 and fp32, `x [1, K] @ W.T`
 is timed eagerly (`F.linear`: oneDNN / MKL) and through torch.compile with the decode step's
-options (`generate.compiled_decode_step`: inductor's decompose_mm_pass turns the product into its
+options (`engine.compiled_decode_one_token`: inductor's decompose_mm_pass turns the product into its
 own reduction). Each call reads another copy of the weight, --pool-mb of copies in all, so that
 they come from memory; where the L3 is larger than that (some cloud Xeons report 480 MB), part of
 them come from cache and "of floor" (against `bench.measure_bandwidth`) can pass 100 %.
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from overfill.bench import _median_seconds, machine, measure_bandwidth
-from overfill.generate import one_row_product_options
+from overfill.engine import one_row_product_options
 
 SHAPES = {  # (out, in): what reads them
     "decoder q/o (576 x 288)": (576, 288), "decoder MLP up (832 x 288)": (832, 288),

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from overfill.data import collate, collate_split, load_examples, padding_fraction
+from overfill.batching import collate, collate_split, length_groups, length_key, padding_fraction
+from overfill.data import load_examples
 from overfill.device import describe_machine
 from overfill.losses import reference_losses, response_losses
-from overfill.train import length_groups, length_key
 from overfill.two_stage import TwoStageModel
 
 PATHS = ("reference-fp32", "reference-bf16", "fast-fp32", "fast-bf16", "fast-bf16-ungrouped")
@@ -129,15 +129,16 @@ def eval_speed(args) -> dict:
 def calibration_speed(args) -> dict:
     """Seconds of the pruner's importance pass over the same calibration batches, fp32 against bf16."""
     from overfill.data import calibration_texts
-    from overfill.hub import load_hf_model, load_tokenizer
-    from overfill.prune import calibration_batches, calibration_pass
+    from overfill.hub import load_tokenizer
+    from overfill.importance import calibration_batches, calibration_pass
+    from overfill.model import load_model
 
     tokenizer = load_tokenizer(args.full)
     texts = calibration_texts("sharegpt", 16 * args.calibration_batches, seed=0, tokenizer=tokenizer)
     batches = calibration_batches(tokenizer, texts, 512, 16, scored=16)
     seconds = {}
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        model = load_hf_model(args.full, dtype=dtype).eval()
+        model = load_model(args.full, dtype=dtype).eval()
         started = time.perf_counter()
         calibration_pass(model, batches, f"calibration ({precision})")
         seconds[precision] = time.perf_counter() - started

@@ -1,0 +1,383 @@
+"""`ContinuousBatcher`: the two-stage loop over a batch that requests join and leave at step boundaries.
+
+One static KV cache of `max_batch` rows. The live requests are rows `0..n-1` and every decode
+step writes one shared column (slot) for all of them, as in `BatchDecoder`; each row keeps its own
+rotary positions and its own valid-slot mask, so where its tokens sit does not change what it
+computes. At every step boundary the batcher
+
+- frees the rows of requests that finished, failed or were cancelled (the last row moves into the
+  hole, so the live rows stay a prefix and the step runs on them only);
+- admits waiting requests, first come first served, while a row is free: the newcomers are
+  prefilled together by the full model in a scratch cache of their own, then copied into free rows
+  right-aligned to end at the current column, and from the next step on they decode with everyone
+  else. A prompt longer than the current column shifts the live columns right; a dead prefix
+  (columns no live row reads any more) wider than the live span is reclaimed by moving the live
+  columns left. The cache grows by doubling up to the context window. A newcomer needs only a free
+  row and a prompt shorter than the window: nothing is reserved for the tokens it may write.
+
+That is enough because a row's columns are its prompt and output, which never exceed the window
+(its `max_new` sees to that), and the live span is the longest live row. When the column reaches
+the end of the cache while the first live column is past 0, the live columns move back to column 0
+instead of the cache growing: the cache stays about as long as the longest live row.
+
+A prefill runs between two decode steps (no chunked prefill). With `refresh_every = K` the full
+model re-processes the last K columns of every row every K steps of the batch: each decoded token
+is refreshed once, within K steps of being written.
+
+Compiled, a step runs on the live rows rounded up to a power of two (the rows past the live ones
+compute and are ignored), so that a handful of graphs covers every batch.
+
+The batcher knows token ids only: a job's sink gets `TokenEvent`s, and the text layer above it
+(the server) turns them into text.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import OverfillError
+from ..kv_cache import KVCache
+from ..model import positions_from_padding
+from ..two_stage import TwoStageModel
+from .sampling import Sampler, SamplingParams, row_seed
+from .step import (compiled_decode_one_token, decode_one_token, finish_reason, first_token, left_pad,
+                   prepare_for_compile, refresh, refresh_due)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What a job hears: a new token (None after EOS or on an error), and how the job ends, if it does."""
+
+    token: int | None
+    generated: int = 0
+    finish_reason: str | None = None
+    """"stop" (EOS) or "length"."""
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Job:
+    """One request. `sink` takes its events, in the batcher's thread, and returns True to end the job (a
+    stop string); an exception from it cancels the job. Set `cancelled` from any thread to stop it."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[TokenEvent], bool | None]
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class Row:
+    """A job holding a row of the batch."""
+
+    job: Job
+    max_new: int
+    seed: int
+    start: int = 0
+    """Column of its first prompt token."""
+    last: int = 0
+    """The token to feed at the next step."""
+    generated: int = 0
+    done: bool = False
+    failed: bool = False
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.job.prompt_ids)
+
+    @property
+    def position(self) -> int:
+        """Rotary position of `last`."""
+        return self.prompt_len + self.generated - 1
+
+    @property
+    def over(self) -> bool:
+        return self.failed or self.done or self.job.cancelled
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+    """Decode steps."""
+    row_steps: int = 0
+    """Rows summed over decode steps (row_steps / steps is the mean batch)."""
+    joined_running: int = 0
+    """Requests admitted while other rows were decoding."""
+    peak_rows: int = 0
+
+
+class ContinuousBatcher:
+    """See the module doc. `admit` and `step` are called from one thread."""
+
+    @torch.inference_mode()  # inference tensors, as every step's inputs are
+    def __init__(self, model: TwoStageModel, max_batch: int = 16, refresh_every: int | None = None,
+                 initial_len: int = 256, compile: bool = False):
+        if max_batch < 1:
+            raise OverfillError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.max_batch = model, max_batch
+        self.refresh_every = model.config.refresh_every if refresh_every is None else refresh_every
+        self.window, self.device = model.context_window, model.device
+        self.rows: list[Row] = []
+        self.column = 0
+        """The slot every live row writes at the next step."""
+        self.stats = Stats()
+        self.compile = compile
+        self._step = compiled_decode_one_token(self.device.type) if compile else decode_one_token
+        if compile:
+            prepare_for_compile(model.full, model.decoder)
+        self._sampler: Sampler | None = None
+        length = min(initial_len, self.window)
+        self.cache = self._static(model.full.new_kv_cache(max_batch, length))
+        # The token in each slot and its position, for refresh.
+        self.slot_tokens = torch.zeros((max_batch, length), dtype=torch.long, device=self.device)  # [B, S]
+        self.slot_positions = torch.zeros_like(self.slot_tokens)  # [B, S]
+
+    def _static(self, cache: KVCache) -> KVCache:
+        if self.compile and self.device.type == "cuda":  # a CUDA graph replays over these buffers in place
+            for buffer in cache.k + cache.v + [cache.valid]:
+                torch._dynamo.mark_static_address(buffer)
+        return cache
+
+    # ------------------------------------------------------------ admission
+
+    def max_new(self, job: Job) -> int:
+        return min(job.params.max_new_tokens, self.window - len(job.prompt_ids))
+
+    def admit(self, waiting: deque[Job]) -> int:
+        """Prefill waiting jobs, in order, into free rows while they fit; the number admitted."""
+        batch: list[Job] = []
+        while waiting and len(self.rows) + len(batch) < self.max_batch:
+            job = waiting[0]
+            if job.cancelled:
+                waiting.popleft()
+                self.stats.cancelled += 1
+            elif len(job.prompt_ids) >= self.window or not job.prompt_ids:
+                waiting.popleft()
+                self.fail_job(job, f"a prompt of {len(job.prompt_ids)} tokens does not fit the context window "
+                                f"of {self.window}")
+            else:
+                batch.append(waiting.popleft())
+        if batch:
+            self._join(batch)
+        return len(batch)
+
+    def _lo(self) -> int:
+        """First column a live row still reads."""
+        return min((r.start for r in self.rows), default=self.column)
+
+    @torch.inference_mode()
+    def _join(self, jobs: list[Job]) -> None:
+        tokens, mask = left_pad([j.prompt_ids for j in jobs], self.model.tokenizer.pad_token_id, self.device)
+        rows = [Row(job, self.max_new(job), row_seed(job.params)) for job in jobs]
+        try:
+            scratch = self.model.full.new_kv_cache(len(jobs), tokens.shape[1])
+            first = first_token(self.model.full, scratch, tokens, mask, self._sampler_of(rows)).tolist()  # [k]
+        except Exception as e:  # e.g. out of memory: only these newcomers fail, and each on its own
+            if len(jobs) > 1:
+                for job in jobs:
+                    self._join([job])
+                return
+            log.exception("prefill failed")
+            self.fail_job(jobs[0], f"prefill failed: {e}")
+            return
+        self.stats.prompt_tokens += sum(len(j.prompt_ids) for j in jobs)
+        for row, token in zip(rows, first):
+            self._take(row, token)
+        keep = [i for i, row in enumerate(rows) if not row.over]
+        self.stats.joined_running += len(keep) if self.rows else 0
+        for row in rows:
+            if row.over:
+                self._count(row)  # done at the first token: it never takes a row
+        if keep:
+            self._place([rows[i] for i in keep], scratch, tokens, mask, keep)
+
+    def _sampler_of(self, rows: list[Row]) -> Sampler:
+        return Sampler([r.job.params for r in rows], [r.seed for r in rows], self.device)
+
+    def _place(self, rows: list[Row], scratch: KVCache, tokens: Tensor, mask: Tensor, picks: list[int]) -> None:
+        """Copy the newcomers' prompt K/V into free rows, ending at the current column."""
+        T = tokens.shape[1]
+        self._make_room(T)
+        n, s = len(self.rows), self.column
+        new, idx = slice(n, n + len(rows)), torch.tensor(picks, device=self.device)
+        self.cache.write_rows(new, s, scratch, idx)
+        self.slot_tokens[new, s - T:s] = tokens[idx]
+        self.slot_positions[new, s - T:s] = positions_from_padding(mask)[idx]
+        for row in rows:
+            row.start = s - row.prompt_len
+        self.rows += rows
+        self._sampler = None
+        self.stats.peak_rows = max(self.stats.peak_rows, len(self.rows))
+
+    def _make_room(self, T: int) -> None:
+        """Arrange the live columns so that a prompt of T tokens ends at the current column."""
+        lo = self._lo()
+        width = self.column - lo
+        target = lo
+        if T > self.column or lo >= width:
+            target = max(0, T - width)
+        self._ensure_capacity(max(self.column, target + width))
+        if target != lo:
+            self._move(lo, target)
+
+    def _move(self, lo: int, target: int) -> None:
+        """Move the live columns `[lo, column)` of every live row to start at `target`."""
+        n, width = len(self.rows), self.column - lo
+        self.cache.move_slots(n, lo, self.column, target)
+        for buf in (self.slot_tokens, self.slot_positions):
+            buf[:n, target:target + width] = buf[:n, lo:self.column].clone()
+        for row in self.rows:
+            row.start += target - lo
+        self.column = target + width
+
+    def _ensure_capacity(self, need: int) -> None:
+        old = self.cache.max_len
+        if need <= old:
+            return
+        length = min(self.window, max(need, 2 * old))
+        self.cache = self._static(self.cache.grown(length))
+        for name in ("slot_tokens", "slot_positions"):
+            grown = torch.zeros((self.max_batch, length), dtype=torch.long, device=self.device)
+            grown[:, :old] = getattr(self, name)
+            setattr(self, name, grown)
+
+    def warm_up(self, kinds: tuple[dict, ...] = ({},)) -> int:
+        """Compile the step for every row bucket before serving (each sampling setting in `kinds`, as
+        SamplingParams fields: greedy by default); the number of buckets run."""
+        buckets = sorted({self._bucket(n) for n in range(1, self.max_batch + 1)})
+        for rows in buckets:
+            for kind in kinds:
+                params = SamplingParams(max_new_tokens=2, ignore_eos=True, **kind)
+                self.admit(deque(Job([1, 2], params, lambda event: False) for _ in range(rows)))
+                while self.rows:
+                    self.step()
+        self.stats = Stats()
+        return len(buckets)
+
+    # ------------------------------------------------------------ decoding
+
+    def _bucket(self, n: int) -> int:
+        """Rows a step runs on: all live ones, rounded up to a power of two when compiled."""
+        return min(self.max_batch, 1 << (n - 1).bit_length()) if self.compile else n
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One decode step for every live row; then hand out the tokens and free finished rows."""
+        if self.column == self.cache.max_len and self._lo() > 0:
+            # Start over at column 0 rather than grow the cache (or, at the window's end, rather than stop):
+            # a step reads every slot of the cache when compiled.
+            self._move(self._lo(), 0)
+        n, s = len(self.rows), self.column
+        try:
+            self._ensure_capacity(s + 1)
+            tokens = self._decode(n, s)
+            self.column += 1
+            self.stats.steps += 1
+            self.stats.row_steps += n
+            self._maybe_refresh()
+        except Exception as e:  # the batch as a whole failed (e.g. out of memory)
+            log.exception("decode step failed")
+            self.fail_all(f"decode step failed: {e}")
+            return
+        for row, token in zip(self.rows, tokens):
+            self._take(row, token)
+        self.retire()
+
+    def _decode(self, n: int, s: int) -> list[int]:
+        """The decode step at column s on the first n rows; their next tokens."""
+        m = self._bucket(n)
+        last = torch.zeros(m, dtype=torch.long)  # [m]: rows past n feed token 0 and are ignored
+        positions = torch.zeros((m, 1), dtype=torch.long)  # [m, 1]
+        last[:n] = torch.tensor([r.last for r in self.rows])
+        positions[:n, 0] = torch.tensor([r.position for r in self.rows])
+        last, positions = last.to(self.device), positions.to(self.device)
+        if self._sampler is None:
+            self._sampler = self._sampler_of(self.rows).rows(m)
+        live = self.cache.first_rows(m)
+        if self.compile:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = self._step(self.model.decoder, live.select_layers(self.model.layer_map), last[:, None], positions,
+                         torch.tensor([s], device=self.device), None if self.compile else s + 1, self._sampler)
+        self.slot_tokens[:n, s], self.slot_positions[:n, s] = last[:n], positions[:n, 0]
+        return out[:n].tolist()
+
+    def _maybe_refresh(self) -> None:
+        K, c, n = self.refresh_every, self.column, len(self.rows)
+        if self.model.is_two_stage and refresh_due(self.stats.steps, K) and c >= K:
+            refresh(self.model.full, self.cache.first_rows(n), self.slot_tokens[:n, c - K:c],
+                    self.slot_positions[:n, c - K:c], c - K)
+
+    def _take(self, row: Row, token: int) -> None:
+        """Hand the row's new token to its job; errors stay in the row."""
+        row.generated += 1
+        row.last = token
+        reason = finish_reason(token, row.job.params, self.model.eos_token_ids, row.generated, row.max_new)
+        event = TokenEvent(None if reason == "stop" else token, row.generated, reason)
+        self.stats.generated_tokens += 1
+        try:
+            stop = row.job.sink(event)
+        except Exception:  # nobody is listening any more
+            row.job.cancelled = True
+            return
+        row.done = reason is not None or bool(stop)
+
+    @staticmethod
+    def _emit(job: Job, event: TokenEvent) -> None:
+        try:
+            job.sink(event)
+        except Exception:
+            job.cancelled = True
+
+    def fail_job(self, job: Job, message: str) -> None:
+        self.stats.failed += 1
+        self._emit(job, TokenEvent(None, error=message))
+
+    def _count(self, row: Row) -> None:
+        if row.failed:
+            self.stats.failed += 1
+        elif row.done:
+            self.stats.completed += 1
+        else:
+            self.stats.cancelled += 1
+
+    def retire(self) -> None:
+        """Free the rows of finished, failed and abandoned requests; the last rows move into the holes."""
+        for i in reversed(range(len(self.rows))):
+            row = self.rows[i]
+            if not row.over:
+                continue
+            self._count(row)
+            last = len(self.rows) - 1
+            if i != last:
+                self._copy_row(last, i)
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+            self._sampler = None
+        if not self.rows:
+            self.column = 0
+
+    def _copy_row(self, src: int, dst: int) -> None:
+        s = self.column
+        self.cache.copy_row(src, dst, s)
+        for buf in (self.slot_tokens, self.slot_positions):
+            buf[dst, :s] = buf[src, :s]
+
+    def fail_all(self, message: str) -> None:
+        for row in self.rows:
+            if not row.over:
+                row.failed = True
+                self._emit(row.job, TokenEvent(None, error=message))
+        self.retire()
