@@ -1,5 +1,9 @@
+import json
+
 import pytest
 import torch
+
+from overfill.data import in_validation
 
 
 def tiny_hf_config(model_type: str = "llama", **overrides):
@@ -70,3 +74,47 @@ def smollm2_tokenizer(smollm2_dir):
     from overfill.hub import load_tokenizer
 
     return load_tokenizer(smollm2_dir)
+
+
+# ---------------------------------------------------------------------------- a word-level world for pipeline tests
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} eos {% endfor %}"
+                 "{% if add_generation_prompt %}assistant {% endif %}")
+WORDS = ["pad", "bos", "eos", "system", "user", "assistant"] + [f"w{i}" for i in range(121)] + ["[UNK]"]
+
+
+def word_tokenizer():
+    """A 128-word tokenizer with a chat template: ids match the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="eos", pad_token="pad", bos_token="bos")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_tiny(path, seed=0, **overrides):
+    model = tiny_hf_model("llama", seed=seed, **overrides)
+    model.save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+def chat(i, n_words=6):
+    """A learnable chat: the answer repeats the question's words in reverse."""
+    words = [f"w{(7 * i + 3 * j) % 100}" for j in range(n_words)]
+    return {"id": f"chat{i}", "messages": [{"role": "user", "content": " ".join(words)},
+                                           {"role": "assistant", "content": " ".join(reversed(words))}]}
+
+
+def validation_ids(n):
+    """Record ids that the data module's hash puts in the validation split."""
+    return [i for i in range(10_000) if in_validation(f"chat{i}", 0.01)][:n]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from overfill.cli import main
-from test_train import chat, save_tiny, validation_ids, write_jsonl
+from conftest import chat, save_tiny, validation_ids, write_jsonl
 
 
 @pytest.fixture(scope="module")

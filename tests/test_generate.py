@@ -177,7 +177,7 @@ def test_asking_for_a_missing_gpu_is_a_clear_error():
 def test_generate_command_decodes_in_the_precision_asked_for(tmp_path, capsys, monkeypatch):
     from overfill import two_stage
     from overfill.cli import main
-    from test_train import save_tiny
+    from conftest import save_tiny
 
     full = save_tiny(tmp_path / "full", seed=0)
     loaded = []

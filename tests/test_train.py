@@ -10,54 +10,12 @@ import torch
 from torch.testing import assert_close
 
 from overfill.cli import main
-from overfill.data import in_validation
 from overfill.errors import OverfillError
 from overfill.model import load_state_dict
 from overfill.checkpoint import checkpoint_dirs, latest_checkpoint
 from overfill.train import TrainConfig, Trainer, train
 from overfill.two_stage import TwoStageModel
-from conftest import tiny_hf_model
-
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} eos {% endfor %}"
-                 "{% if add_generation_prompt %}assistant {% endif %}")
-WORDS = ["pad", "bos", "eos", "system", "user", "assistant"] + [f"w{i}" for i in range(121)] + ["[UNK]"]
-
-
-def word_tokenizer():
-    """A 128-word tokenizer with a chat template: ids match the tiny models' vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="eos", pad_token="pad", bos_token="bos")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def save_tiny(path, seed=0, **overrides):
-    model = tiny_hf_model("llama", seed=seed, **overrides)
-    model.save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return path
-
-
-def chat(i, n_words=6):
-    """A learnable chat: the answer repeats the question's words in reverse."""
-    words = [f"w{(7 * i + 3 * j) % 100}" for j in range(n_words)]
-    return {"id": f"chat{i}", "messages": [{"role": "user", "content": " ".join(words)},
-                                           {"role": "assistant", "content": " ".join(reversed(words))}]}
-
-
-def validation_ids(n):
-    """Record ids that the data module's hash puts in the validation split."""
-    return [i for i in range(10_000) if in_validation(f"chat{i}", 0.01)][:n]
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
+from conftest import chat, save_tiny, validation_ids, word_tokenizer, write_jsonl
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

@@ -6,13 +6,9 @@ from torch.testing import assert_close
 
 from overfill.errors import OverfillError
 from overfill.engine import decode_step, prefill
-from overfill.model import ModelArgs, causal_mask, from_state_dict, positions_from_padding
+from overfill.model import ModelArgs, causal_mask, positions_from_padding
 from overfill.two_stage import TwoStageModel, check_compatible, split_logits
-from conftest import tiny_hf_model, tiny_hf_config
-
-
-def ours(hf):
-    return from_state_dict(ModelArgs.from_hf(hf.config), hf.state_dict())
+from conftest import ours, tiny_hf_config, tiny_hf_model
 
 
 def batch():

@@ -118,7 +118,7 @@ NEW_TOKENS = 12
 
 def save_tiny(path: Path, seed: int, **overrides) -> Path:
     from conftest import tiny_hf_model
-    from test_train import word_tokenizer
+    from conftest import word_tokenizer
 
     base = dict(vocab_size=256, hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
                 head_dim=32, max_position_embeddings=512)  # vLLM's CPU attention wants head_dim >= 32

@@ -51,7 +51,8 @@ class BatchDecoder:
         self._step = compiled_decode_one_token(device.type) if compile else decode_one_token
         if compile:
             prepare_for_compile(model.full, model.decoder)
-        if compile and device.type == "cuda":  # CUDA graphs replay over these buffers in place
+            # CUDA graphs replay over these buffers in place; on a CPU the step is ~8 % faster with them
+            # static too (bf16 decoder, 2-core AMX Xeon).
             for buffer in self.kv_cache.k + self.kv_cache.v + [self.kv_cache.valid]:
                 torch._dynamo.mark_static_address(buffer)
 

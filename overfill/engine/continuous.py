@@ -140,16 +140,24 @@ class ContinuousBatcher:
             prepare_for_compile(model.full, model.decoder)
         self._sampler: Sampler | None = None
         length = min(initial_len, self.window)
+        self._views: dict[int, KVCache] = {}
         self.cache = self._static(model.full.new_kv_cache(max_batch, length))
         # The token in each slot and its position, for refresh.
         self.slot_tokens = torch.zeros((max_batch, length), dtype=torch.long, device=self.device)  # [B, S]
         self.slot_positions = torch.zeros_like(self.slot_tokens)  # [B, S]
 
     def _static(self, cache: KVCache) -> KVCache:
-        if self.compile and self.device.type == "cuda":  # a CUDA graph replays over these buffers in place
+        """Mark the buffers as static inputs of the compiled step (as `BatchDecoder` does)."""
+        if self.compile:
             for buffer in cache.k + cache.v + [cache.valid]:
                 torch._dynamo.mark_static_address(buffer)
         return cache
+
+    def _live(self, rows: int) -> KVCache:
+        """The first `rows` rows of the cache, one view per row count, made (and marked static) once."""
+        if rows not in self._views:
+            self._views[rows] = self._static(self.cache.first_rows(rows))
+        return self._views[rows]
 
     # ------------------------------------------------------------ admission
 
@@ -248,7 +256,7 @@ class ContinuousBatcher:
         if need <= old:
             return
         length = min(self.window, max(need, 2 * old))
-        self.cache = self._static(self.cache.grown(length))
+        self.cache, self._views = self._static(self.cache.grown(length)), {}
         for name in ("slot_tokens", "slot_positions"):
             grown = torch.zeros((self.max_batch, length), dtype=torch.long, device=self.device)
             grown[:, :old] = getattr(self, name)
@@ -306,7 +314,7 @@ class ContinuousBatcher:
         last, positions = last.to(self.device), positions.to(self.device)
         if self._sampler is None:
             self._sampler = self._sampler_of(self.rows).rows(m)
-        live = self.cache.first_rows(m)
+        live = self._live(m)
         if self.compile:
             torch.compiler.cudagraph_mark_step_begin()
         out = self._step(self.model.decoder, live.select_layers(self.model.layer_map), last[:, None], positions,
