@@ -265,7 +265,7 @@ class OverFillForCausalLM(nn.Module):
         self.attn = nn.ModuleList(
             Attention(heads // tp, head_dim, head_dim ** -0.5, num_kv_heads=max(1, kv_heads // tp),
                       cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config,
-                      prefix=f"layers.{i}.attn")
+                      prefix=f"model.layers.{i}.self_attn.attn")  # vLLM Llama's layer names: KV connectors key on them
             for i in range(config.num_hidden_layers))
         full_class, decoder_class = _compiled_sides()
         with set_model_tag("overfill_full"):

@@ -234,6 +234,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+DISAGGREGATED_PROMPTS = [[5 + i % 50 for i in range(40)], [7 + i % 40 for i in range(70)],
+                         [9 + (3 * i) % 30 for i in range(33)]]
+"""Prompts of at least one 32-token block: the shared-storage connector moves whole blocks."""
+
+
+def _connected_greedy(model: Path, store: Path, role: str, new_tokens: int) -> list[list[int]]:
+    """Greedy ids from a vLLM instance of `model` on vLLM's example shared-storage connector."""
+    import gc
+
+    kv = {"kv_connector": "ExampleConnector", "kv_role": role,
+          "kv_connector_extra_config": {"shared_storage_path": str(store)}}
+    # Whole prompts in one step: the example connector stores a request's blocks from one forward pass.
+    llm = make_llm(model, block_size=32, max_num_batched_tokens=256, kv_transfer_config=kv)
+    try:
+        return vllm_greedy(llm, DISAGGREGATED_PROMPTS, new_tokens)
+    finally:
+        del llm
+        gc.collect()
+
+
+def test_a_full_model_prefill_instance_hands_its_kv_to_an_overfill_decode_instance(pair, tmp_path):
+    # Prefill/decode disaggregation (docs/SCALE.md), in one process: plain vLLM on the full model
+    # prefills and stores the prompts' KV blocks; an instance of the pair loads them and decodes.
+    from safetensors.torch import load_file, save_file
+
+    store = tmp_path / "kv"
+    _connected_greedy(pair["full"], store, "kv_producer", new_tokens=1)
+    assert len(list(store.iterdir())) == len(DISAGGREGATED_PROMPTS)
+    decoded = _connected_greedy(pair["exported"], store, "kv_consumer", NEW_TOKENS)
+    assert decoded == our_greedy(pair, "overfill", DISAGGREGATED_PROMPTS)
+    # The decode instance read the stored blocks rather than prefilling again: scaled, they change its output.
+    for layer_file in store.glob("*/*.safetensors"):
+        save_file({k: 3 * v for k, v in load_file(layer_file).items()}, layer_file)
+    assert _connected_greedy(pair["exported"], store, "kv_consumer", NEW_TOKENS) != decoded
+
+
 def test_the_openai_server_serves_the_pair(pair, tmp_path):
     openai = pytest.importorskip("openai")
     port = free_port()
