@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         batcher = ContinuousBatcher(model, max_batch=max(args.batch), compile=True)
         for batch in args.batch:
             rows = prompts(model, batch, args.prompt_len)
-            time_static(model, rows, 8), time_batcher(batcher, rows, 8)  # compile and warm up
+            time_static(model, rows, 8)  # compile and warm up
+            time_batcher(batcher, rows, 8)
             static, served = [], []
             for _ in range(args.rounds):
                 static.append(statistics.median(time_static(model, rows, args.tokens)))

@@ -48,6 +48,7 @@ class BatchDecoder:
         self.positions = (first_positions[None, :] + torch.arange(n, device=device)[:, None])[..., None]
         self.steps = 0
         self._static = compile
+        self._graphs = compile and device.type == "cuda"
         self._step = compiled_decode_one_token(device.type) if compile else decode_one_token
         if compile:
             prepare_for_compile(model.full, model.decoder)
@@ -71,7 +72,7 @@ class BatchDecoder:
         kv_len = None if self._static else self.prompt_len + i + 1
         tokens = self._step(self.model.decoder, self.decoder_cache, self.last[:, None],
                             self.positions[i], self.slots[i:i + 1], kv_len, self.sampler)  # [B]
-        self.last = tokens.clone() if self._static else tokens  # a CUDA graph's output is overwritten by its replay
+        self.last = tokens.clone() if self._graphs else tokens  # a CUDA graph's output is overwritten by its replay
         self.steps += 1
         if refresh_due(self.steps, every):
             first = self.steps - every

@@ -119,6 +119,11 @@ class Stats:
     peak_rows: int = 0
 
 
+def row_bucket(rows: int, max_batch: int) -> int:
+    """Rows a compiled step runs on for `rows` live ones: the next power of two, at most `max_batch`."""
+    return min(max_batch, 1 << (rows - 1).bit_length())
+
+
 class ContinuousBatcher:
     """See the module doc. `admit` and `step` are called from one thread."""
 
@@ -278,8 +283,7 @@ class ContinuousBatcher:
     # ------------------------------------------------------------ decoding
 
     def _bucket(self, n: int) -> int:
-        """Rows a step runs on: all live ones, rounded up to a power of two when compiled."""
-        return min(self.max_batch, 1 << (n - 1).bit_length()) if self.compile else n
+        return row_bucket(n, self.max_batch) if self.compile else n
 
     @torch.inference_mode()
     def step(self) -> None:
