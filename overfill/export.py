@@ -4,7 +4,8 @@
 plugin in `overfill/vllm_plugin.py`, found through the `vllm.general_plugins` entry point):
 
     config.json         the full model's config, architectures ["OverFillForCausalLM"], and
-                        "overfill": {"decoder": {hidden_size, intermediate_size, ...}, "full": ref}
+                        "overfill": {"decoder": {hidden_size, intermediate_size, num_hidden_layers, ...},
+                                     "layer_map": [...] (a depth-pruned decoder's), "full": ref}
     model.safetensors   the full model's tensors under `full.`, the decoder's under `decoder.`
     tokenizer files, generation_config.json, chat template: the full model's
 
@@ -19,18 +20,21 @@ from pathlib import Path
 from .errors import OverfillError
 from .files import check_not_an_input, check_output_dir
 
-DECODER_KEYS = ("hidden_size", "intermediate_size", "tie_word_embeddings")
+DECODER_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "tie_word_embeddings")
 """What the decoder's config may change from the full model's; the rest must be equal (the shared cache)."""
 
 
-def vllm_config(full_config: dict, decoder_config: dict, full_ref: str) -> dict:
+def vllm_config(full_config: dict, decoder_config: dict, full_ref: str, layer_map: list[int] | None = None) -> dict:
     """The exported config.json: the full model's, plus what makes the decoder (errors where a vLLM
     `OverFillForCausalLM` cannot serve the pair)."""
     from .model import ModelArgs
     from .two_stage import check_compatible
 
     full, decoder = ModelArgs.from_hf(full_config), ModelArgs.from_hf(decoder_config)
-    problems = check_compatible(full, decoder)
+    problems = check_compatible(full, decoder, layer_map)
+    if layer_map is not None and any(b <= a for a, b in zip(layer_map, layer_map[1:])):
+        problems.append(f"layer_map {layer_map} is not increasing (the vLLM pair runs both sides' layers in one "
+                        f"sweep over the cache's layers)")
     for name in ("num_attention_heads", "model_type", "rms_norm_eps", "qkv_bias", "o_bias"):
         if getattr(full, name) != getattr(decoder, name):
             problems.append(f"{name}: full {getattr(full, name)!r} vs decoder {getattr(decoder, name)!r}"
@@ -46,10 +50,10 @@ def vllm_config(full_config: dict, decoder_config: dict, full_ref: str) -> dict:
     config = dict(full_config)
     config["architectures"] = ["OverFillForCausalLM"]
     config["head_dim"] = full.head_dim
-    config["overfill"] = {"decoder": {"hidden_size": decoder.hidden_size,
-                                      "intermediate_size": decoder.intermediate_size,
-                                      "tie_word_embeddings": decoder.tie_word_embeddings},
+    config["overfill"] = {"decoder": {key: getattr(decoder, key) for key in DECODER_KEYS},
                           "full": full_ref, "format": 1}
+    if layer_map is not None and layer_map != list(range(full.num_hidden_layers)):
+        config["overfill"]["layer_map"] = list(layer_map)
     return config
 
 
@@ -68,23 +72,25 @@ def check_tensor_parallel(config: dict, tp: int) -> None:
         raise OverfillError(f"tensor parallel size {tp} does not divide: {', '.join(bad)}")
 
 
-def export_vllm(decoder_dir: str, out: str, full: str | None = None, tp: int = 1) -> Path:
+def export_vllm(decoder_dir: str, out: str, full: str | None = None, tp: int = 1, no_refresh: bool = False) -> Path:
     from safetensors.torch import save_file
 
     from .hub import resolve
     from .model import load_state_dict, read_config
-    from .two_stage import CONFIG_NAME, read_config_file
+    from .two_stage import CONFIG_NAME, layer_map_of, read_config_file
 
     decoder_path = Path(decoder_dir)
     if not (decoder_path / CONFIG_NAME).is_file():
         raise OverfillError(f"'{decoder_dir}' is not an OverFill directory (no {CONFIG_NAME}); train one with "
                             f"`overfill train --mode overfill`")
     pair = read_config_file(decoder_path / CONFIG_NAME)
-    if pair.layer_map is not None and pair.layer_map != list(range(len(pair.layer_map))):
-        raise OverfillError("the vLLM export does not support a depth-pruned decoder (layer_map) yet")
+    if pair.refresh_every and not no_refresh:
+        raise OverfillError(f"'{decoder_dir}' asks for a refresh every {pair.refresh_every} tokens, which the vLLM "
+                            f"pair does not do (vLLM schedules no re-prefill of generated tokens); export with "
+                            f"--no-refresh to serve it without")
     full_ref = full or pair.full
     full_path = resolve(full_ref)
-    config = vllm_config(read_config(full_path), read_config(decoder_path), full_ref)
+    config = vllm_config(read_config(full_path), read_config(decoder_path), full_ref, layer_map_of(decoder_path))
     check_tensor_parallel(config, tp)
     out_path = check_output_dir(out)
     check_not_an_input(out_path, {"--full": str(full_path), "DECODER": str(decoder_path)})

@@ -18,8 +18,10 @@ decoder's rows are zero-padded and the last column flags the side; `compute_logi
 the rows vLLM samples from, applies each side's final LM head to its own rows.
 
 A batch whose tokens are all on one side (at steady state, pure decode: all the decoder's) skips the
-gathers and runs that side's pass, which vLLM compiles (`support_torch_compile`, as for its Llama); a
-batch that mixes the sides runs eagerly.
+gathers and runs that side's pass; a batch that mixes the sides runs `mixed_pass`, whose gathers and
+scatters go by index tensors the runner computes on the host, so it has no data-dependent shapes.
+vLLM compiles all three (`support_torch_compile`, as for its Llama). A depth-pruned decoder's layer j
+reads and writes the cache of the pair's layer `layer_map[j]`.
 
 Prefix caching is turned off: vLLM also caches blocks of generated tokens, and a later chat turn
 would then reuse decoder-written K/V as if the full model had prefilled it.
@@ -47,14 +49,30 @@ class _Route:
 
     full_rows: torch.Tensor | None = None  # [N] bool, None: all tokens to the full model (vLLM's dummy runs)
     only: str | None = None  # "full" or "decoder" when every token goes to that side, known on the host
+    full_index: torch.Tensor | None = None  # [N_full] long: the full model's rows, in batch order (mixed batches)
+    decoder_index: torch.Tensor | None = None  # [N_decoder] long: the decoder's rows
+    order: torch.Tensor | None = None  # [N] long: batch row t is row order[t] of cat(full rows, decoder rows)
 
     def set(self, full_rows: torch.Tensor | None, device: torch.device | None = None) -> None:
-        """full_rows [N] bool, on the host (so that `only` costs no device sync), kept on `device`."""
-        self.full_rows, self.only = None, None
-        if full_rows is not None:
-            n_full = int(full_rows.sum())
-            self.only = "full" if n_full == full_rows.shape[0] else "decoder" if n_full == 0 else None
-            self.full_rows = full_rows.to(device)
+        """full_rows [N] bool, on the host (so that `only` and the indices cost no device sync), kept on `device`."""
+        self.full_rows = self.only = self.full_index = self.decoder_index = self.order = None
+        if full_rows is None:
+            return
+        n_full = int(full_rows.sum())
+        self.only = "full" if n_full == full_rows.shape[0] else "decoder" if n_full == 0 else None
+        self.full_rows = full_rows.to(device)
+        if self.only is None:
+            indices = split_rows(full_rows)
+            self.full_index, self.decoder_index, self.order = (i.to(device) for i in indices)
+
+
+def split_rows(full_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """full_rows [N] bool -> (full_index [N_f], decoder_index [N_d], order [N]), with
+    `cat([x[full_index], x[decoder_index]])[order] == x`: what a mixed batch gathers and scatters by."""
+    full_index, decoder_index = full_rows.nonzero().squeeze(1), (~full_rows).nonzero().squeeze(1)
+    order = torch.empty(full_rows.shape[0], dtype=torch.long)
+    order[torch.cat([full_index, decoder_index])] = torch.arange(full_rows.shape[0])
+    return full_index, decoder_index, order
 
 
 ROUTE = _Route()
@@ -137,6 +155,11 @@ def side_config(config, side: str):
     return decoder
 
 
+def layer_map(config) -> list[int] | None:
+    """The pair's layer whose cache each decoder layer reads and writes (None: layer j reads layer j)."""
+    return getattr(config, CONFIG_KEY).get("layer_map")
+
+
 class Projections(nn.Module):
     """One side's attention projections and rotary embedding; the attention itself is shared."""
 
@@ -169,9 +192,12 @@ class Side(nn.Module):
 
     Its forward (`pass_over`) is the plain Llama pass of a batch whose tokens are all its own, over the
     pair's shared attention layers (held, not owned: they belong to the pair, as does the one cache).
+    Its layer j reads and writes the cache of the pair's layer `attn_layers[j]` (the layer_map of a
+    depth-pruned decoder; layer j itself otherwise), in increasing order.
     """
 
-    def __init__(self, *, vllm_config, config, prefix: str, shared_attn: nn.ModuleList):
+    def __init__(self, *, vllm_config, config, prefix: str, shared_attn: nn.ModuleList,
+                 attn_layers: list[int] | None = None):
         from vllm.model_executor.layers.layernorm import RMSNorm
         from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
         from vllm.model_executor.models.llama import LlamaMLP
@@ -179,6 +205,7 @@ class Side(nn.Module):
         super().__init__()
         quant = vllm_config.quant_config
         self.config = config
+        self.attn_layers = list(range(config.num_hidden_layers)) if attn_layers is None else list(attn_layers)
         object.__setattr__(self, "shared_attn", shared_attn)  # not a submodule: registered once, by the pair
         self.model = nn.Module()
         self.model.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant)
@@ -197,20 +224,80 @@ class Side(nn.Module):
                                       prefix=f"{prefix}.lm_head")
         if config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.layer_at = {a: j for j, a in enumerate(self.attn_layers)}  # the pair's layer -> this side's
+
+    def qkv(self, j: int, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None):
+        """Layer j up to attention: (q, k, v, residual) of n tokens, x [n, D_side] the previous layer's output."""
+        layer = self.model.layers[j]
+        if residual is None:
+            residual, h = x, layer.input_layernorm(x)
+        else:
+            h, residual = layer.input_layernorm(x, residual)
+        return *layer.self_attn.qkv(positions, h), residual
+
+    def after_attention(self, j: int, attn_out: torch.Tensor, residual: torch.Tensor):
+        """Layer j from the attention's output [n, H D] on: (x, residual), each [n, D_side]."""
+        layer = self.model.layers[j]
+        o, _ = layer.self_attn.o_proj(attn_out)
+        h, residual = layer.post_attention_layernorm(o, residual)
+        return layer.mlp(h), residual
+
+    def final(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(x, residual)[0]
 
     def pass_over(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states [N, D_side] of N tokens that all belong to this side."""
         x, residual = self.model.embed_tokens(input_ids), None  # [N, D_side]
-        for layer, attn in zip(self.model.layers, self.shared_attn):
-            if residual is None:
-                residual, h = x, layer.input_layernorm(x)
+        for j, a in enumerate(self.attn_layers):
+            q, k, v, residual = self.qkv(j, positions, x, residual)
+            x, residual = self.after_attention(j, self.shared_attn[a](q, k, v), residual)
+        return self.final(x, residual)
+
+
+def mixed_pass(full: Side, decoder: Side, shared_attn, input_ids: torch.Tensor, positions: torch.Tensor,
+               full_index: torch.Tensor, decoder_index: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Hidden rows [N, D_full + 1] of a batch whose tokens are on both sides (`split_rows`'s indices).
+
+    Per layer of the pair, each side computes q/k/v of its own tokens; they go back in batch order
+    (`order`), attention runs once over the cache, and each side takes its own rows of its output.
+    A layer that a depth-pruned decoder skips gets zeros for the decoder's rows: their K/V are
+    written there but never read (a later step's full-model tokens are prompt tokens, at earlier
+    positions). No data-dependent shapes, so vLLM compiles it like a side's pass.
+    """
+    sides, index = (full, decoder), (full_index, decoder_index)
+    x = [side.model.embed_tokens(input_ids[i]) for side, i in zip(sides, index)]  # [N_side, D_side]
+    where = [positions[i] for i in index]
+    residual = [None, None]
+    for a, attn in enumerate(shared_attn):
+        qkv = []
+        for s, side in enumerate(sides):
+            j = side.layer_at.get(a)
+            if j is not None:
+                *qkv_s, residual[s] = side.qkv(j, where[s], x[s], residual[s])
+                qkv.append(qkv_s)
             else:
-                h, residual = layer.input_layernorm(x, residual)
-            o, _ = layer.self_attn.o_proj(attn(*layer.self_attn.qkv(positions, h)))
-            h, residual = layer.post_attention_layernorm(o, residual)
-            x = layer.mlp(h)
-        final, _ = self.model.norm(x, residual)
-        return final
+                qkv.append(None)
+        if qkv[1] is None:  # only the full model has this layer
+            qkv[1] = [t.new_zeros(index[1].shape[0], t.shape[1]) for t in qkv[0]]
+        q, k, v = (torch.cat(parts)[order] for parts in zip(*qkv))  # [N, H D], [N, H_kv D] each
+        out = attn(q, k, v)  # [N, H D], over the one paged cache
+        for s, side in enumerate(sides):
+            j = side.layer_at.get(a)
+            if j is not None:
+                x[s], residual[s] = side.after_attention(j, out[index[s]], residual[s])
+    rows = [side.final(x_s, r_s) for side, x_s, r_s in zip(sides, x, residual)]  # [N_side, D_side]
+    width = full.config.hidden_size
+    flagged = (nn.functional.pad(rows[0], (0, 1), value=1.0),  # the last column flags the full model's rows
+               nn.functional.pad(rows[1], (0, width - rows[1].shape[1] + 1)))
+    return torch.cat(flagged)[order]  # [N, D_full + 1]
+
+
+def with_flag(final: torch.Tensor, width: int, full: bool) -> torch.Tensor:
+    """Rows [N, D_side] of one side as the pair's rows [N, D_full + 1] (zero-padded; last column: the side)."""
+    rows = nn.functional.pad(final, (0, width - final.shape[1] + 1))
+    if full:
+        rows[:, -1] = 1
+    return rows
 
 
 def _in_dummy_run() -> bool:
@@ -221,10 +308,10 @@ def _in_dummy_run() -> bool:
 
 
 @functools.cache
-def _compiled_sides() -> tuple[type, type]:
-    """The two sides as vLLM-compiled classes (vLLM's `support_torch_compile`, as its Llama uses), so that
-    one-side batches, pure decode among them, run a compiled graph: mixed batches stay eager. Each side is
-    a class of its own, with its own `forward`, because vLLM keys its compile cache on the forward's name."""
+def _compiled_passes() -> tuple[type, type, type]:
+    """The two sides and the mixed pass as vLLM-compiled classes (vLLM's `support_torch_compile`, as
+    its Llama uses): every batch runs a compiled graph. Each is a class of its own, with its own
+    `forward`, because vLLM keys its compile cache on the forward's name."""
     from vllm.compilation.decorators import support_torch_compile
 
     dims = {"input_ids": 0, "positions": 0}
@@ -239,7 +326,30 @@ def _compiled_sides() -> tuple[type, type]:
         def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return self.pass_over(input_ids, positions)
 
-    return FullSide, DecoderSide
+    @support_torch_compile(dynamic_arg_dims=dims | {"full_index": 0, "decoder_index": 0, "order": 0})
+    class MixedPass(nn.Module):
+        """`mixed_pass` over the pair's sides, held, not owned (their weights load under `full.`/`decoder.`)."""
+
+        def __init__(self, *, vllm_config, prefix: str = "", sides: tuple[Side, Side], shared_attn: nn.ModuleList):
+            super().__init__()
+            object.__setattr__(self, "sides", sides)
+            object.__setattr__(self, "shared_attn", shared_attn)
+
+        def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, full_index: torch.Tensor,
+                    decoder_index: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+            return mixed_pass(*self.sides, self.shared_attn, input_ids, positions, full_index, decoder_index, order)
+
+    return FullSide, DecoderSide, MixedPass
+
+
+def warm_up_split(n: int) -> torch.Tensor | None:
+    """full_rows [n] bool for the mixed pass's first (compiling) call: both sides and the batch of
+    three different sizes, none below 2, so that none is specialised or taken for another (vLLM
+    drops the guards; torch gives equal sizes one symbol). None where n is too small for that."""
+    n_full = n - n // 3
+    if n < 7 or len({n, n_full, n - n_full}) < 3:
+        return None
+    return torch.arange(n) < n_full
 
 
 class OverFillForCausalLM(nn.Module):
@@ -267,13 +377,15 @@ class OverFillForCausalLM(nn.Module):
                       cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config,
                       prefix=f"model.layers.{i}.self_attn.attn")  # vLLM Llama's layer names: KV connectors key on them
             for i in range(config.num_hidden_layers))
-        full_class, decoder_class = _compiled_sides()
+        full_class, decoder_class, mixed_class = _compiled_passes()
         with set_model_tag("overfill_full"):
             self.full = full_class(vllm_config=vllm_config, config=side_config(config, "full"), prefix="full",
                                    shared_attn=self.attn)
         with set_model_tag("overfill_decoder"):
             self.decoder = decoder_class(vllm_config=vllm_config, config=side_config(config, "decoder"),
-                                         prefix="decoder", shared_attn=self.attn)
+                                         prefix="decoder", shared_attn=self.attn, attn_layers=layer_map(config))
+        with set_model_tag("overfill_mixed"):
+            self.mixed = mixed_class(vllm_config=vllm_config, sides=(self.full, self.decoder), shared_attn=self.attn)
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.full_width = config.hidden_size
 
@@ -287,53 +399,22 @@ class OverFillForCausalLM(nn.Module):
         N = input_ids.shape[0]
         routed = ROUTE.full_rows is not None and ROUTE.full_rows.shape[0] == N
         if not routed and _in_dummy_run():
-            # vLLM's profiling / warm-up pass: every token to the full model, as in plain vLLM, and
-            # the decoder's pass too, so that vLLM compiles it here, at the warm-up's many-token
-            # shape. First compiled at a 1-token batch, its graph would be specialised to one row
-            # (vLLM drops the guards) and break on the next larger batch.
-            self.decoder(input_ids, positions)
+            self._compile_in_dummy_run(input_ids, positions)
         only = ROUTE.only if routed else "full"
         if only is not None:  # every token on one side (pure decode batches, at steady state): no gathers
-            return self._forward_side(only, input_ids, positions)
-        full_rows = ROUTE.full_rows
-        rows = {"full": full_rows.nonzero().squeeze(1), "decoder": (~full_rows).nonzero().squeeze(1)}  # [n_side]
-        sides = {s: side for s, side in (("full", self.full), ("decoder", self.decoder)) if rows[s].numel()}
-        x = {s: sides[s].model.embed_tokens(input_ids[rows[s]]) for s in sides}  # [n_side, D_side]
-        residual = {s: None for s in sides}
-        for i, attn in enumerate(self.attn):
-            q = k = v = None
-            for s, side in sides.items():
-                layer = side.model.layers[i]
-                if residual[s] is None:
-                    residual[s], h = x[s], layer.input_layernorm(x[s])
-                else:
-                    h, residual[s] = layer.input_layernorm(x[s], residual[s])
-                q_s, k_s, v_s = layer.self_attn.qkv(positions[rows[s]], h)
-                if q is None:
-                    q = q_s.new_empty(N, q_s.shape[1])
-                    k, v = k_s.new_empty(N, k_s.shape[1]), v_s.new_empty(N, v_s.shape[1])
-                q[rows[s]], k[rows[s]], v[rows[s]] = q_s, k_s, v_s  # back in batch order: [N, H D]
-            out = attn(q, k, v)  # [N, H D], over the one paged cache
-            for s, side in sides.items():
-                layer = side.model.layers[i]
-                o, _ = layer.self_attn.o_proj(out[rows[s]])
-                h, residual[s] = layer.post_attention_layernorm(o, residual[s])
-                x[s] = layer.mlp(h)
-        hidden = out.new_zeros(N, self.full_width + 1)  # the last column flags the full model's rows
-        for s, side in sides.items():
-            final, _ = side.model.norm(x[s], residual[s])
-            hidden[rows[s], :final.shape[1]] = final
-        hidden[rows["full"], -1] = 1
-        return hidden
+            side = self.full if only == "full" else self.decoder
+            return with_flag(side(input_ids, positions), self.full_width, only == "full")  # [N, D_full + 1]
+        return self.mixed(input_ids, positions, ROUTE.full_index, ROUTE.decoder_index, ROUTE.order)
 
-    def _forward_side(self, name: str, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """`forward` when all N tokens belong to one side: that side's (compiled) pass."""
-        final = (self.full if name == "full" else self.decoder)(input_ids, positions)  # [N, D_side]
-        hidden = final.new_zeros(input_ids.shape[0], self.full_width + 1)  # [N, D_full + 1]
-        hidden[:, :final.shape[1]] = final
-        if name == "full":
-            hidden[:, -1] = 1
-        return hidden
+    def _compile_in_dummy_run(self, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """vLLM's profiling / warm-up pass runs every token through the full model, as plain vLLM does;
+        the decoder's pass and the mixed one run here too, so that vLLM compiles them at the warm-up's
+        many-token shape. First compiled at a 1-token batch, a graph would be specialised to one row
+        (vLLM drops the guards) and break on the next larger batch."""
+        self.decoder(input_ids, positions)
+        split = warm_up_split(input_ids.shape[0])
+        if split is not None:
+            self.mixed(input_ids, positions, *(i.to(input_ids.device) for i in split_rows(split)))
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """Logits of the rows vLLM samples from: each row by its own side's LM head."""

@@ -26,7 +26,7 @@ import torch
 
 from overfill.errors import OverfillError
 from overfill.export import check_tensor_parallel, export_vllm, vllm_config
-from overfill.vllm_plugin import _Route, prompt_token_mask
+from overfill.vllm_plugin import _Route, prompt_token_mask, split_rows, warm_up_split
 
 # ---------------------------------------------------------------------------- routing, no vLLM needed
 
@@ -55,8 +55,26 @@ def test_a_batch_on_one_side_is_flagged_for_the_fast_path():
     for rows, only in (([True, True], "full"), ([False, False, False], "decoder"), ([True, False], None)):
         route.set(torch.tensor(rows), torch.device("cpu"))
         assert route.only == only and route.full_rows.tolist() == rows
+        assert (route.order is None) == (only is not None)  # the indices only where the batch mixes
     route.set(None)
-    assert route.only is None and route.full_rows is None
+    assert route.only is None and route.full_rows is None and route.order is None
+
+
+def test_a_mixed_batch_splits_by_side_and_goes_back_in_batch_order():
+    full_rows = torch.tensor([False, True, True, False, True, False, False])
+    full_index, decoder_index, order = split_rows(full_rows)
+    assert full_index.tolist() == [1, 2, 4] and decoder_index.tolist() == [0, 3, 5, 6]
+    rows = torch.arange(7) * 10 + 1  # any per-token value
+    assert torch.equal(torch.cat([rows[full_index], rows[decoder_index]])[order], rows)
+
+
+def test_the_mixed_pass_compiles_at_three_different_sizes():
+    # vLLM drops the guards, and torch gives equal sizes one symbol: the batch and both sides must differ.
+    for n in (7, 16, 2048, 8192):
+        split = warm_up_split(n)
+        n_full = int(split.sum())
+        assert split.shape == (n,) and len({n, n_full, n - n_full}) == 3 and min(n_full, n - n_full) >= 2
+    assert warm_up_split(4) is None
 
 
 # ---------------------------------------------------------------------------- export checks
@@ -71,7 +89,33 @@ def _config(**overrides):
 def test_the_exported_config_carries_the_decoder_widths():
     config = vllm_config(_config(), _config(hidden_size=64, intermediate_size=96), "full-ref")
     assert config["architectures"] == ["OverFillForCausalLM"] and config["hidden_size"] == 128
-    assert config["overfill"]["decoder"] == {"hidden_size": 64, "intermediate_size": 96, "tie_word_embeddings": False}
+    assert config["overfill"]["decoder"] == {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                                             "tie_word_embeddings": False}
+    assert "layer_map" not in config["overfill"]
+
+
+def test_a_depth_pruned_decoder_exports_its_layer_map():
+    config = vllm_config(_config(num_hidden_layers=4), _config(hidden_size=64, intermediate_size=96,
+                                                               num_hidden_layers=2), "full-ref", [1, 3])
+    assert config["overfill"]["layer_map"] == [1, 3] and config["overfill"]["decoder"]["num_hidden_layers"] == 2
+
+
+@pytest.mark.parametrize("layer_map,words", [([3, 1], "not increasing"), ([1, 1], "not increasing"),
+                                             ([1, 4], "outside"), ([1], "entries")])
+def test_a_layer_map_the_vllm_pair_cannot_run_is_refused(layer_map, words):
+    decoder = _config(hidden_size=64, intermediate_size=96, num_hidden_layers=2)
+    with pytest.raises(OverfillError, match=words):
+        vllm_config(_config(num_hidden_layers=4), decoder, "full-ref", layer_map)
+
+
+def test_a_refresh_interval_is_refused_unless_waived(tmp_path):
+    full = save_tiny(tmp_path / "full", seed=0)
+    decoder = overfill_dir(tmp_path, full, "decoder", hidden_size=64, intermediate_size=96)
+    (decoder / "overfill.json").write_text(json.dumps({"full": str(full), "refresh_every": 8}))
+    with pytest.raises(OverfillError, match="refresh every 8 tokens.*--no-refresh"):
+        export_vllm(str(decoder), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    assert (export_vllm(str(decoder), str(tmp_path / "out"), no_refresh=True) / "model.safetensors").is_file()
 
 
 def test_a_derived_and_an_explicit_head_size_are_the_same():
@@ -142,8 +186,12 @@ def pair(tmp_path_factory):
     identity = root / "identity"
     shutil.copytree(full, identity)
     (identity / "overfill.json").write_text(json.dumps({"full": str(full)}))
+    # Depth-pruned too: its one layer reads and writes the cache of the full model's layer 1 (of 2).
+    shallow = overfill_dir(root, full, "shallow", hidden_size=64, intermediate_size=96, num_hidden_layers=1)
+    (shallow / "overfill.json").write_text(json.dumps({"full": str(full), "layer_map": [1]}))
     return {"root": root, "full": full, "decoder": decoder, "exported": export_vllm(str(decoder), str(root / "ex")),
-            "identity": export_vllm(str(identity), str(root / "ex-identity"))}
+            "identity": export_vllm(str(identity), str(root / "ex-identity")),
+            "shallow": shallow, "shallow_exported": export_vllm(str(shallow), str(root / "ex-shallow"))}
 
 
 def make_llm(model: Path, **kwargs):
@@ -167,11 +215,11 @@ def vllm_greedy(llm, prompts, new_tokens=NEW_TOKENS) -> list[list[int]]:
     return [i[:i.index(EOS)] if EOS in i else i for i in ids]
 
 
-def our_greedy(pair, mode, prompts, new_tokens=NEW_TOKENS) -> list[list[int]]:
+def our_greedy(pair, mode, prompts, new_tokens=NEW_TOKENS, decoder="decoder") -> list[list[int]]:
     from overfill.evaluate import greedy_generations
     from overfill.two_stage import TwoStageModel
 
-    model = TwoStageModel.from_refs(str(pair["full"]), str(pair["decoder"]), dtype=torch.float32)
+    model = TwoStageModel.from_refs(str(pair["full"]), str(pair[decoder]), dtype=torch.float32)
     return [ids[:new_tokens] for ids, _ in greedy_generations(model, mode, prompts, new_tokens)]
 
 
@@ -190,9 +238,21 @@ def test_vllm_decodes_as_our_two_stage_engine(pair, overfill_llm):
     assert got != our_greedy(pair, "full", PROMPTS)  # the decoder did the decoding, so the test can fail
 
 
+def test_a_depth_pruned_decoder_decodes_as_our_two_stage_engine(pair):
+    # The decoder's one layer reads the prompt's K/V of the full model's layer 1; in the steps that
+    # mix the sides, its rows of layer 0 are zeros, written to the cache and never read.
+    llm = make_llm(pair["shallow_exported"])
+    try:
+        got = vllm_greedy(llm, PROMPTS)
+    finally:
+        del llm
+    assert got == our_greedy(pair, "overfill", PROMPTS, decoder="shallow")
+    assert got != our_greedy(pair, "overfill", PROMPTS)
+
+
 def test_compiled_vllm_decodes_as_our_two_stage_engine(pair):
-    # Without enforce_eager, vLLM compiles each side's pass; one-side batches (all but the first few
-    # steps here, with 16-token chunks) run those graphs, mixed ones stay eager.
+    # Without enforce_eager, vLLM compiles each side's pass and the mixed pass (the first steps here,
+    # with 16-token chunks, mix prefill chunks and decodes), all three at its warm-up's 16 tokens.
     llm = make_llm(pair["exported"], enforce_eager=False)
     try:
         reference = our_greedy(pair, "overfill", PROMPTS)

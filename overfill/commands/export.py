@@ -16,8 +16,10 @@ class ExportArgs:
     full: str | None = field(default=None, metadata={"help": "full model (default: the one its overfill.json names)"})
     tensor_parallel_size: int = field(default=1, metadata={
         "help": "the TP size it will be served with: checked to divide the heads and widths of both models"})
+    no_refresh: bool = field(default=False, metadata={
+        "help": "serve a decoder whose overfill.json sets refresh_every without the refresh (vLLM does not do it)"})
 
 
 def export_command(args: ExportArgs) -> None:
-    out = export_vllm(args.decoder, args.out, args.full, args.tensor_parallel_size)
+    out = export_vllm(args.decoder, args.out, args.full, args.tensor_parallel_size, args.no_refresh)
     print(f"wrote {out}: serve it with `vllm serve {out}` (vLLM with overfill installed beside it)")
