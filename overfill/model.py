@@ -163,6 +163,32 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+_ONE_ROW_KERNEL: tuple | None = None  # (kernel, max rows): the engine's bf16 CPU product, once it enables it
+
+
+def use_one_row_kernel(kernel=None, max_rows: int = 0) -> None:
+    """Send products of at most `max_rows` rows (bf16, CPU, no autograd, no bias) to `kernel(x, weight)`;
+    no kernel: `F.linear` everywhere. The engine sets it (engine/one_row.py says why)."""
+    global _ONE_ROW_KERNEL
+    _ONE_ROW_KERNEL = None if kernel is None else (kernel, max_rows)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear`, or the one-row kernel for a decode step's few rows: x [..., K], weight [N, K] -> [..., N]."""
+    if (_ONE_ROW_KERNEL is not None and bias is None and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and x.device.type == "cpu" and x.numel() <= _ONE_ROW_KERNEL[1] * x.shape[-1]
+            and not torch.is_grad_enabled()):
+        return _ONE_ROW_KERNEL[0](x, weight)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and names) whose product goes through `linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class Fusable(nn.Module):
     """A module whose input projections can run as one product at inference (gpt-fast's fused QKV).
 
@@ -192,7 +218,7 @@ class Fusable(nn.Module):
     def projections(self, x: Tensor) -> tuple[Tensor, ...]:
         """Each of `PROJECTIONS` applied to x: one fused product where possible."""
         if self.is_fused and not torch.is_grad_enabled():
-            return F.linear(x, self.fused_weight, self.fused_bias).split(self.fused_sizes, dim=-1)
+            return linear(x, self.fused_weight, self.fused_bias).split(self.fused_sizes, dim=-1)
         return tuple(getattr(self, name)(x) for name in self.PROJECTIONS)
 
     def _apply(self, fn, recurse=True):
@@ -209,10 +235,10 @@ class Attention(Fusable):
         super().__init__()
         d, hd = args.hidden_size, args.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, hd
-        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=args.o_bias)
+        self.q_proj = Linear(d, self.n_heads * hd, bias=args.qkv_bias)
+        self.k_proj = Linear(d, self.n_kv_heads * hd, bias=args.qkv_bias)
+        self.v_proj = Linear(d, self.n_kv_heads * hd, bias=args.qkv_bias)
+        self.o_proj = Linear(self.n_heads * hd, d, bias=args.o_bias)
         if args.qk_norm:
             self.q_norm = RMSNorm(hd, args.rms_norm_eps)
             self.k_norm = RMSNorm(hd, args.rms_norm_eps)
@@ -270,9 +296,9 @@ class MLP(Fusable):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_proj = Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.projections(x)
@@ -306,7 +332,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.model = Backbone(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.gradient_checkpointing = False
         self.tie_weights()

@@ -287,8 +287,7 @@ def mixed_pass(full: Side, decoder: Side, shared_attn, input_ids: torch.Tensor, 
                 x[s], residual[s] = side.after_attention(j, out[index[s]], residual[s])
     rows = [side.final(x_s, r_s) for side, x_s, r_s in zip(sides, x, residual)]  # [N_side, D_side]
     width = full.config.hidden_size
-    flagged = (nn.functional.pad(rows[0], (0, 1), value=1.0),  # the last column flags the full model's rows
-               nn.functional.pad(rows[1], (0, width - rows[1].shape[1] + 1)))
+    flagged = (with_flag(rows[0], width, True), with_flag(rows[1], width, False))
     return torch.cat(flagged)[order]  # [N, D_full + 1]
 
 

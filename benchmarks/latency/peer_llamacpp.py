@@ -9,6 +9,8 @@ converter). Systems, for every prompt x output length:
                                            greedy (argmax of the last logits), batch 1
   ours full / decoder / overfill, fp32 and bf16   `overfill bench`'s timing of our engine
                                            (`BatchDecoder`, compiled decode step), batch 1 and --batch-size
+  ours decoder / overfill bf16, F.linear   the same with the bf16 one-row kernel off
+                                           (`engine/one_row.py`; only where the CPU has it)
 Each system is warmed up, then all are timed in turn, --repeats rounds, so that machine noise
 hits them alike; ratios are per round (median, min, max). The floor of a step is
 (weights + KV bytes it reads) / the bandwidth measured in the same run; both keep the KV cache
@@ -29,6 +31,7 @@ import torch
 from overfill.bench import (Contender, Suite, Timing, _ratio, _time_round_robin, floor_seconds, kv_bytes_per_token,
                             machine, measure_bandwidth, summarize, time_engine, weight_bytes_per_step)
 from overfill.device import describe_machine
+from overfill.engine import one_row
 from overfill.model import load_model
 
 PRECISIONS = {"f32": torch.float32, "bf16": torch.bfloat16}
@@ -82,7 +85,17 @@ def lineup(args, models: dict, batch: int, n_ctx: int) -> list[Contender]:
             run = lambda prompts, n, m=two_stage: time_engine(m, prompts, n, compile=True)  # noqa: E731
             out.append(Contender(f"ours {name} {OURS[precision]}", name, "ours (compiled)", 0, run,
                                  two_stage.decoder, two_stage.full))
+            if precision == "bf16" and name != "full" and one_row.load():  # the A/B of the bf16 kernel
+                out.append(Contender(f"ours {name} bf16, F.linear", name, "ours (compiled, F.linear)", 0,
+                                     without_one_row_kernel(run), two_stage.decoder, two_stage.full))
     return out
+
+
+def without_one_row_kernel(run):
+    def timed(prompts, n):
+        with one_row.off():
+            return run(prompts, n)
+    return timed
 
 
 RATIOS = {  # name: (slow, fast, key); > 1 means `fast` is faster
@@ -91,6 +104,10 @@ RATIOS = {  # name: (slow, fast, key); > 1 means `fast` is faster
     "llama.cpp decoder bf16 / ours decoder bf16, tpot": ("llama.cpp decoder bf16", "ours decoder bf16", "tpot_s"),
     "llama.cpp decoder f32 / ours decoder fp32, tpot": ("llama.cpp decoder f32", "ours decoder fp32", "tpot_s"),
     "llama.cpp full bf16 / ours full bf16, tpot": ("llama.cpp full bf16", "ours full bf16", "tpot_s"),
+    "ours decoder bf16, F.linear / ours decoder bf16, tpot": ("ours decoder bf16, F.linear", "ours decoder bf16",
+                                                              "tpot_s"),
+    "ours overfill bf16, F.linear / ours overfill bf16, e2e": ("ours overfill bf16, F.linear", "ours overfill bf16",
+                                                               "e2e_s"),
     "ours full bf16 / ours overfill bf16, e2e": ("ours full bf16", "ours overfill bf16", "e2e_s"),
     "ours overfill fp32 / ours overfill bf16, e2e": ("ours overfill fp32", "ours overfill bf16", "e2e_s"),
 }
@@ -149,6 +166,18 @@ def agreement(timings: dict, n: int = 32) -> dict:
     return out
 
 
+def save(result: dict, floor_models: list[dict], out: Path) -> None:
+    """The results so far as JSON and markdown, each step's floor at the best bandwidth measured yet."""
+    gbps = result["bandwidth"]["gbps"]
+    for cfg, models in zip(result["configs"], floor_models):
+        for label, r in cfg["runs"].items():
+            r["floor_s"] = floor_seconds(models[label], cfg["batch_size"], cfg["prompt_len"], cfg["output_len"], gbps)
+            r["floor_fraction"] = r["floor_s"] / r["tpot_s"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(table(result))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--full", required=True)
@@ -180,36 +209,29 @@ def main() -> None:
     batches = [1] + ([args.batch_size] if args.batch_size > 1 else [])
     configs = [(p, o, b) for p in args.prompt_len for o in args.output_len for b in batches]
     progress = tqdm(total=len(configs), desc="configs")
+    out, floor_models = Path(args.out), []
+    result["bandwidth"] = {"gbps": bandwidth_start["gbps"], "start": bandwidth_start}
     for prompt_len, output_len, batch in configs:
         gen = torch.Generator().manual_seed(args.seed)
         vocab = models["f32"][0].args.vocab_size
         prompts = torch.randint(vocab, (batch, prompt_len), generator=gen).tolist()
         contenders = lineup(args, models, batch, prompt_len + output_len + 8)
         timings, warm = _time_round_robin(contenders, prompts, output_len, 1, args.repeats, tqdm(disable=True))
-        runs = {}
-        for c in contenders:
-            runs[c.label] = summarize(timings[c.label], batch, output_len) | {
-                "system": c.system, "engine": c.engine, "warmup_s": warm[c.label], "_model": c.floor_model}
+        runs = {c.label: summarize(timings[c.label], batch, output_len) | {
+            "system": c.system, "engine": c.engine, "warmup_s": warm[c.label]} for c in contenders}
+        floor_models.append({c.label: c.floor_model for c in contenders})
         result["configs"].append({"prompt_len": prompt_len, "output_len": output_len, "batch_size": batch,
                                   "runs": runs, "agreement": agreement(timings) if batch == 1 else {},
                                   "ratios": {k: r for k, (s, f, key) in RATIOS.items()
                                              if (r := _ratio(runs, s, f, key))}})
         del contenders  # frees the llama.cpp contexts before the next shape
+        save(result, floor_models, out)  # after every shape: a stopped run keeps what it measured
         progress.update()
     progress.close()
     bandwidth_end = measure_bandwidth(torch.device("cpu"))
-    gbps = max(bandwidth_start["gbps"], bandwidth_end["gbps"])
-    result |= {"load_average_end": os.getloadavg(), "bandwidth": {"gbps": gbps, "start": bandwidth_start,
-                                                                   "end": bandwidth_end}}
-    for cfg in result["configs"]:
-        for r in cfg["runs"].values():
-            model = r.pop("_model")
-            r["floor_s"] = floor_seconds(model, cfg["batch_size"], cfg["prompt_len"], cfg["output_len"], gbps)
-            r["floor_fraction"] = r["floor_s"] / r["tpot_s"]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(table(result))
+    result |= {"load_average_end": os.getloadavg(), "bandwidth": {
+        "gbps": max(bandwidth_start["gbps"], bandwidth_end["gbps"]), "start": bandwidth_start, "end": bandwidth_end}}
+    save(result, floor_models, out)
     plot(result, out.with_suffix(".png"))
     print(table(result))
     print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")

@@ -6,8 +6,8 @@
 Per dtype, three servers run at once on loopback (vLLM on the full model; vLLM on the pair that
 `overfill export` writes; `overfill serve` on the pair); for each concurrency, the same greedy
 chat requests (ShareGPT first turns, `ignore_eos` so that every system generates exactly
---max-tokens tokens) go to each server in turn, one server at a time, so machine noise hits all
-alike. `server_mean_batch` is rows per decode step for `overfill serve` and tokens per engine
+--max-tokens tokens) go to each server in turn, one server at a time, for --rounds rounds, so
+machine noise hits all alike; the ratios are taken per round (median, min, max over rounds). `server_mean_batch` is rows per decode step for `overfill serve` and tokens per engine
 step (prefill chunks included) for vLLM. Each server gets --threads torch threads; the client
 runs beside them. vLLM runs from its own environment (`scripts/test_vllm.sh` makes `.venv-vllm`).
 """
@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -113,12 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=32, help="requests per pass (at least the concurrency)")
+    parser.add_argument("--rounds", type=int, default=3, help="round-robin passes per concurrency")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-prompt-chars", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--startup-timeout", type=float, default=600)
     parser.add_argument("--out", default="benchmarks/vllm/results/cpu.json")
     args = parser.parse_args(argv)
+    if args.rounds < 1 or min(args.concurrency) < 1:
+        parser.error("--rounds and --concurrency values must be >= 1")
 
     from overfill.export import export_vllm
     from overfill.hub import resolve
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     exported = str(export_vllm(args.decoder, str(work / "pair"), args.full))
     prompts = sharegpt_prompts(max(args.requests, max(args.concurrency)), args.max_prompt_chars)
     results: dict = {"machine": describe_machine(__import__("torch").device("cpu")), "threads": args.threads,
-                     "max_tokens": args.max_tokens, "requests": len(prompts), "full": args.full,
+                     "max_tokens": args.max_tokens, "requests": len(prompts), "rounds": args.rounds, "full": args.full,
                      "decoder": args.decoder, "command": " ".join(sys.argv), "runs": []}
     max_seqs = max(args.concurrency)
     for dtype in args.dtype:
@@ -141,49 +145,80 @@ def main(argv: list[str] | None = None) -> int:
             for _, base, _ in servers.values():  # warm-up
                 asyncio.run(run_pass(base + "/v1", prompts[:2], 1, 8))
             for concurrency in args.concurrency:
-                for name, (_, base, _) in servers.items():
-                    before = server_counters(name, base)
-                    out, wall = asyncio.run(run_pass(base + "/v1", prompts, concurrency, args.max_tokens,
-                                                     extra_body={"ignore_eos": True}))
-                    row = {"dtype": dtype, "system": name,
-                           **summary(out, wall, concurrency, counters_delta(server_counters(name, base), before))}
-                    results["runs"].append(row)
-                    print(f"[{dtype}] c={concurrency} {name}: {row['completion_tokens_per_s']} tok/s, "
-                          f"errors {row['errors']}", flush=True)
+                for round_ in range(args.rounds):
+                    for name, (_, base, _) in servers.items():
+                        before = server_counters(name, base)
+                        out, wall = asyncio.run(run_pass(base + "/v1", prompts, concurrency, args.max_tokens,
+                                                         extra_body={"ignore_eos": True}))
+                        row = {"dtype": dtype, "system": name, "round": round_,
+                               **summary(out, wall, concurrency, counters_delta(server_counters(name, base), before))}
+                        results["runs"].append(row)
+                        save(results, Path(args.out))  # after every pass: a stopped run keeps what it measured
+                        print(f"[{dtype}] c={concurrency} round {round_} {name}: "
+                              f"{row['completion_tokens_per_s']} tok/s, errors {row['errors']}", flush=True)
         finally:
             stop(servers)
-    results["ratios"] = ratios(results["runs"])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    Path(args.out).with_suffix(".md").write_text(table(results))
-    print(table(results))
+    print(table(save(results, Path(args.out))))
     return 0
 
 
+def save(results: dict, out: Path) -> dict:
+    """The results so far, with their ratios, as JSON and a markdown table beside it."""
+    results["ratios"] = ratios(results["runs"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    out.with_suffix(".md").write_text(table(results))
+    return results
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
+
+
 def ratios(runs: list[dict]) -> list[dict]:
-    """OverFill on vLLM over the full model on vLLM, and over `overfill serve`, per dtype and concurrency."""
-    by = {(r["dtype"], r["concurrency"], r["system"]): r["completion_tokens_per_s"] for r in runs}
+    """OverFill on vLLM over the full model on vLLM, and over `overfill serve`, per dtype and
+    concurrency, taken round by round (each round times the three servers back to back)."""
+    rate = {(r["dtype"], r["concurrency"], r.get("round", 0), r["system"]): r["completion_tokens_per_s"] for r in runs}
+    cases = sorted({key[:2] for key in rate}, key=lambda c: (c[0], c[1]))
     out = []
-    for dtype, concurrency, system in by:
-        if system == "vllm-overfill":
-            out.append({"dtype": dtype, "concurrency": concurrency,
-                        "overfill_over_full_on_vllm": round(by[(dtype, concurrency, system)] /
-                                                            by[(dtype, concurrency, "vllm-full")], 3),
-                        "vllm_over_overfill_serve": round(by[(dtype, concurrency, system)] /
-                                                          by[(dtype, concurrency, "overfill-serve")], 3)})
+    for dtype, concurrency in cases:
+        rounds = sorted(n for n in {key[2] for key in rate if key[:2] == (dtype, concurrency)}
+                        if all((dtype, concurrency, n, system) in rate for system in SYSTEMS))  # complete rounds
+        if not rounds:
+            continue
+        over = {other: [rate[(dtype, concurrency, n, "vllm-overfill")] / rate[(dtype, concurrency, n, other)]
+                        for n in rounds] for other in ("vllm-full", "overfill-serve")}
+        out.append({"dtype": dtype, "concurrency": concurrency, "rounds": len(rounds),
+                    "overfill_over_full_on_vllm": _spread(over["vllm-full"]),
+                    "vllm_over_overfill_serve": _spread(over["overfill-serve"])})
     return out
+
+
+def medians(runs: list[dict]) -> list[dict]:
+    """Per dtype, concurrency and system: the median over rounds of tok/s, TTFT p50 and latency p50."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["dtype"], r["concurrency"], r["system"]), []).append(r)
+    return [{"dtype": d, "concurrency": c, "system": s,
+             "completion_tokens_per_s": round(statistics.median(r["completion_tokens_per_s"] for r in group), 2),
+             "ttft_p50_s": round(statistics.median(r["ttft_s"]["p50"] for r in group), 3),
+             "latency_p50_s": round(statistics.median(r["latency_s"]["p50"] for r in group), 3),
+             "errors": sum(r["errors"] for r in group)} for (d, c, s), group in groups.items()]
 
 
 def table(results: dict) -> str:
     lines = ["| dtype | clients | system | output tok/s | TTFT p50 s | latency p50 s | errors |",
              "|---|---:|---|---:|---:|---:|---:|"]
-    for r in results["runs"]:
+    for r in medians(results["runs"]):
         lines.append(f"| {r['dtype']} | {r['concurrency']} | {r['system']} | {r['completion_tokens_per_s']} | "
-                     f"{r['ttft_s']['p50']} | {r['latency_s']['p50']} | {r['errors']} |")
-    lines += ["", "| dtype | clients | OverFill / full (both on vLLM) | vLLM OverFill / overfill serve |",
-              "|---|---:|---:|---:|"]
-    lines += [f"| {r['dtype']} | {r['concurrency']} | {r['overfill_over_full_on_vllm']} | "
-              f"{r['vllm_over_overfill_serve']} |" for r in results["ratios"]]
+                     f"{r['ttft_p50_s']} | {r['latency_p50_s']} | {r['errors']} |")
+    lines += ["", "Ratios per round, median (min-max):", "",
+              "| dtype | clients | rounds | OverFill / full (both on vLLM) | vLLM OverFill / overfill serve |",
+              "|---|---:|---:|---:|---:|"]
+    for r in results["ratios"]:
+        a, b = r["overfill_over_full_on_vllm"], r["vllm_over_overfill_serve"]
+        lines.append(f"| {r['dtype']} | {r['concurrency']} | {r['rounds']} | {a['median']} ({a['min']}-{a['max']}) | "
+                     f"{b['median']} ({b['min']}-{b['max']}) |")
     return "\n".join(lines) + "\n"
 
 

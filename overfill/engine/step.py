@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from ..kv_cache import KVCache
-from ..model import Transformer, causal_mask, positions_from_padding
+from ..model import Transformer, causal_mask, positions_from_padding, use_one_row_kernel
+from . import one_row
 from .sampling import Sampler, SamplingParams, sample
 
 _ONE_ROW_MAX_WIDTH = 1 << 24
@@ -126,9 +127,13 @@ def one_row_product_options() -> dict:
 
 
 def prepare_for_compile(*models: Transformer) -> None:
-    """q/k/v and gate/up as one product each (no copy, parameter names unchanged)."""
+    """q/k/v and gate/up as one product each (no copy, parameter names unchanged); on a CPU in
+    bf16, the step's products through the one-row kernel where this CPU has it (`one_row.py`)."""
     for m in models:
         m.fuse_projections()
+    weights = [next(m.parameters()) for m in models]
+    if all(w.device.type == "cpu" and w.dtype == torch.bfloat16 for w in weights) and one_row.enabled():
+        use_one_row_kernel(one_row.linear, one_row.MAX_ROWS)
 
 
 def cache_len(n: int, static: bool) -> int:
