@@ -21,10 +21,14 @@ def no_kernel():
     model_module._ONE_ROW_KERNEL = saved
 
 
+def test_the_kernel_is_opt_in(monkeypatch):
+    monkeypatch.delenv("OVERFILL_ONE_ROW_KERNEL", raising=False)
+    assert not one_row.requested() and not one_row.enabled()
+    monkeypatch.setenv("OVERFILL_ONE_ROW_KERNEL", "1")
+    assert one_row.requested() and one_row.enabled() == one_row.load()
+
+
 def test_supported_says_why_not(monkeypatch):
-    monkeypatch.setenv("OVERFILL_ONE_ROW_KERNEL", "0")
-    assert one_row.supported() == (False, "OVERFILL_ONE_ROW_KERNEL=0")
-    monkeypatch.delenv("OVERFILL_ONE_ROW_KERNEL")
     monkeypatch.setattr(one_row, "cpu_flags", lambda: frozenset({"avx512f", "avx2"}))
     assert one_row.supported() == (False, "the CPU lacks avx512bw, avx512vl, avx512_bf16")
     monkeypatch.setattr(one_row, "cpu_flags", lambda: frozenset(one_row.REQUIRED_FLAGS))
@@ -88,8 +92,10 @@ class PadOnly:
 
 
 @needs_kernel
-def test_compiled_bf16_step_calls_the_kernel_and_decodes_as_eager(no_kernel):
+def test_compiled_bf16_step_calls_the_kernel_and_decodes_as_eager(no_kernel, monkeypatch):
     from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv("OVERFILL_ONE_ROW_KERNEL", "1")
 
     full, small = tiny_hf_model("llama", seed=0), tiny_hf_model("llama", seed=1, hidden_size=32, intermediate_size=48)
     model = TwoStageModel(ours(full).bfloat16(), ours(small).bfloat16(), PadOnly())
@@ -111,7 +117,7 @@ def test_compiled_bf16_step_calls_the_kernel_and_decodes_as_eager(no_kernel):
 
 
 def test_load_is_false_where_not_supported(monkeypatch):
-    monkeypatch.setenv("OVERFILL_ONE_ROW_KERNEL", "0")
+    monkeypatch.setattr(one_row, "cpu_flags", lambda: frozenset({"avx2"}))
     one_row.load.cache_clear()
     try:
         assert one_row.load() is False
@@ -120,7 +126,8 @@ def test_load_is_false_where_not_supported(monkeypatch):
 
 
 @needs_kernel
-def test_off_holds_the_products_on_f_linear_and_restores(no_kernel):
+def test_off_holds_the_products_on_f_linear_and_restores(no_kernel, monkeypatch):
+    monkeypatch.setenv("OVERFILL_ONE_ROW_KERNEL", "1")
     use_one_row_kernel(one_row.linear, one_row.MAX_ROWS)
     with one_row.off():
         assert model_module._ONE_ROW_KERNEL is None and not one_row.enabled()

@@ -9,8 +9,10 @@ converter). Systems, for every prompt x output length:
                                            greedy (argmax of the last logits), batch 1
   ours full / decoder / overfill, fp32 and bf16   `overfill bench`'s timing of our engine
                                            (`BatchDecoder`, compiled decode step), batch 1 and --batch-size
-  ours decoder / overfill bf16, F.linear   the same with the bf16 one-row kernel off
-                                           (`engine/one_row.py`; only where the CPU has it)
+  ours decoder / overfill bf16, F.linear   where the CPU has the opt-in bf16 one-row kernel
+                                           (`engine/one_row.py`), this run turns it on for the
+                                           "ours ... bf16" rows, and these rows are the default
+                                           engine (the products as inductor compiles them)
 Each system is warmed up, then all are timed in turn, --repeats rounds, so that machine noise
 hits them alike; ratios are per round (median, min, max). The floor of a step is
 (weights + KV bytes it reads) / the bandwidth measured in the same run; both keep the KV cache
@@ -192,6 +194,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/latency/results/peer_llamacpp_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    os.environ.setdefault("OVERFILL_ONE_ROW_KERNEL", "1")  # the A/B of the opt-in kernel (lineup)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     models = {p: (load_model(args.full, dtype=d), load_model(args.decoder, dtype=d)) for p, d in PRECISIONS.items()}
     import llama_cpp

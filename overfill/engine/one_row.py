@@ -9,9 +9,9 @@ dots it with every input row with `vdpbf16ps` (fp32 accumulation, one bf16 round
 result, as `F.linear`) and splits the rows between threads. It is a `torch.ops.overfill` op
 with a fake implementation, so the compiled decode step calls it from inside its graph.
 
-It is built on first use by torch's C++ extension loader (about a minute, then cached under
-~/.cache/torch_extensions); where the CPU lacks AVX512-BF16, or the build fails, or
-OVERFILL_ONE_ROW_KERNEL=0, the products stay `F.linear` and nothing else changes.
+OVERFILL_ONE_ROW_KERNEL=1 turns it on (off by default: see `requested`). It is built on first use by
+torch's C++ extension loader (about a minute, then cached under ~/.cache/torch_extensions); where
+the CPU lacks AVX512-BF16 or the build fails, the products stay `F.linear` and nothing else changes.
 """
 from __future__ import annotations
 
@@ -32,9 +32,7 @@ _held_off = 0  # `off()` nesting depth
 
 
 def supported() -> tuple[bool, str]:
-    """Whether this machine may use the kernel, and why not."""
-    if os.environ.get("OVERFILL_ONE_ROW_KERNEL", "1") == "0":
-        return False, "OVERFILL_ONE_ROW_KERNEL=0"
+    """Whether this machine can run the kernel, and why not."""
     missing = [f for f in REQUIRED_FLAGS if f not in cpu_flags()]
     if missing:
         return False, f"the CPU lacks {', '.join(missing)}"
@@ -64,9 +62,15 @@ def load() -> bool:
     return True
 
 
+def requested() -> bool:
+    """The kernel is opt-in (OVERFILL_ONE_ROW_KERNEL=1): in the whole compiled step it has not beaten
+    inductor's fused reductions yet (benchmarks/README.md), though each product alone runs ~2x faster."""
+    return os.environ.get("OVERFILL_ONE_ROW_KERNEL", "0") == "1"
+
+
 def enabled() -> bool:
-    """Whether the engine should route its bf16 CPU products here: built, supported, not held `off()`."""
-    return _held_off == 0 and load()
+    """Whether the engine routes its bf16 CPU products here: asked for, built, not held `off()`."""
+    return _held_off == 0 and requested() and load()
 
 
 @contextlib.contextmanager
