@@ -128,7 +128,8 @@ def one_row_product_options() -> dict:
 
 def prepare_for_compile(*models: Transformer) -> None:
     """q/k/v and gate/up as one product each (no copy, parameter names unchanged); on a CPU in
-    bf16, the step's products through the one-row kernel where this CPU has it (`one_row.py`)."""
+    bf16, the step's products through the one-row kernel when it is asked for and this CPU has it
+    (`one_row.py`; OVERFILL_ONE_ROW_KERNEL=1)."""
     for m in models:
         m.fuse_projections()
     weights = [next(m.parameters()) for m in models]
