@@ -87,7 +87,7 @@ def lineup(args, models: dict, batch: int, n_ctx: int) -> list[Contender]:
             run = lambda prompts, n, m=two_stage: time_engine(m, prompts, n, compile=True)  # noqa: E731
             out.append(Contender(f"ours {name} {OURS[precision]}", name, "ours (compiled)", 0, run,
                                  two_stage.decoder, two_stage.full))
-            if precision == "bf16" and name != "full" and one_row.load():  # the A/B of the bf16 kernel
+            if precision == "bf16" and name != "full" and one_row.enabled():  # the A/B of the bf16 kernel
                 out.append(Contender(f"ours {name} bf16, F.linear", name, "ours (compiled, F.linear)", 0,
                                      without_one_row_kernel(run), two_stage.decoder, two_stage.full))
     return out

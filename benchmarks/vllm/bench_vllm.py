@@ -7,8 +7,9 @@ Per dtype, three servers run at once on loopback (vLLM on the full model; vLLM o
 `overfill export` writes; `overfill serve` on the pair); for each concurrency, the same greedy
 chat requests (ShareGPT first turns, `ignore_eos` so that every system generates exactly
 --max-tokens tokens) go to each server in turn, one server at a time, for --rounds rounds, so
-machine noise hits all alike; the ratios are taken per round (median, min, max over rounds). `server_mean_batch` is rows per decode step for `overfill serve` and tokens per engine
-step (prefill chunks included) for vLLM. Each server gets --threads torch threads; the client
+machine noise hits all alike; the ratios are taken per round (median, min, max over rounds).
+`server_mean_batch` is rows per decode step for `overfill serve` and tokens per engine step
+(prefill chunks included) for vLLM. Each server gets --threads torch threads; the client
 runs beside them. vLLM runs from its own environment (`scripts/test_vllm.sh` makes `.venv-vllm`).
 """
 from __future__ import annotations
@@ -179,7 +180,7 @@ def ratios(runs: list[dict]) -> list[dict]:
     """OverFill on vLLM over the full model on vLLM, and over `overfill serve`, per dtype and
     concurrency, taken round by round (each round times the three servers back to back)."""
     rate = {(r["dtype"], r["concurrency"], r.get("round", 0), r["system"]): r["completion_tokens_per_s"] for r in runs}
-    cases = sorted({key[:2] for key in rate}, key=lambda c: (c[0], c[1]))
+    cases = sorted({key[:2] for key in rate})
     out = []
     for dtype, concurrency in cases:
         rounds = sorted(n for n in {key[2] for key in rate if key[:2] == (dtype, concurrency)}
