@@ -40,7 +40,7 @@ import torch
 
 from .errors import OverfillError
 from .files import check_output_file
-from .device import INFERENCE_PRECISION_HELP, cpu_model, inference_precision, pick_device
+from .device import INFERENCE_PRECISION_HELP, cpu_caches, cpu_model, inference_precision, pick_device
 from .engine import BatchDecoder, SamplingParams
 from .model import ModelArgs, Transformer, from_state_dict, load_model, read_config
 from .two_stage import TwoStageConfig, TwoStageModel
@@ -391,6 +391,8 @@ def machine(device: torch.device) -> dict:
             "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__}
+    if device.type == "cpu":
+        info["cpu_caches_bytes"] = cpu_caches()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)

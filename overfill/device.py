@@ -66,6 +66,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_caches(root: str = "/sys/devices/system/cpu/cpu0/cache") -> dict[str, int]:
+    """Data and unified cache sizes of the first CPU in bytes, {"L1": ..., "L2": ..., "L3": ...}, as
+    sysfs reports them (a VM may show a last-level cache larger than a small model); {} where unknown."""
+    sizes = {}
+    for index in sorted(Path(root).glob("index*")):
+        try:
+            level, kind, size = ((index / f).read_text().strip() for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        if kind != "Instruction" and size[:-1].isdigit():
+            sizes[f"L{level}"] = int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}.get(size[-1], 1)
+    return sizes
+
+
 @dataclass(frozen=True)
 class PrecisionChoice:
     """What a run computes in, and why; recorded in every run's config and metrics."""

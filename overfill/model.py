@@ -182,6 +182,22 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
+_DECODE_LAYERS = None  # the engine's whole-layer-stack decode step (engine/one_row.py), once it enables it
+
+
+def use_decode_layers(stack=None) -> None:
+    """Run the layers of a decode step (one token per row, a cache, no autograd) as `stack(model, x, rope,
+    kv_cache, slots, mask)` where `stack.supports(model, rows)`; None: layer by layer. The engine sets it."""
+    global _DECODE_LAYERS
+    _DECODE_LAYERS = stack
+
+
+def decodes_with_layer_stack(model: "Transformer", rows: int) -> bool:
+    """Whether a decode step of `rows` rows of `model` would run through the layer stack (eagerly)."""
+    return (_DECODE_LAYERS is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and _DECODE_LAYERS.supports(model, rows))
+
+
 class Linear(nn.Linear):
     """`nn.Linear` (same parameters and names) whose product goes through `linear`."""
 
@@ -355,6 +371,8 @@ class Transformer(nn.Module):
         select `[B, T]` bool: logits `[N, V]` at the N selected positions only (where a loss is taken).
         """
         x = self.hidden(tokens, positions, mask, kv_cache, slots, kv_len, shared_kv, last_only, prefix_kv)
+        if select is None and x.shape[1] == 1 and decodes_with_layer_stack(self, x.shape[0]):
+            return _DECODE_LAYERS.logits(self, x)  # a decode step's or a prefill's next-token logits, fp32
         return self.lm_head(x if select is None else x[select])
 
     def hidden(self, tokens: Tensor, positions: Tensor, mask: Tensor, kv_cache: KVCache | None = None,
@@ -371,6 +389,8 @@ class Transformer(nn.Module):
         """
         x = self.model.embed_tokens(tokens)  # [B, T, D]
         rope = self.rope(positions)
+        if self._steps_with_layer_stack(tokens, kv_cache, shared_kv, prefix_kv):
+            return self.model.norm(_DECODE_LAYERS(self, x, rope, kv_cache, slots, mask))
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(
@@ -380,6 +400,11 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.model.norm(x)
+
+    def _steps_with_layer_stack(self, tokens: Tensor, kv_cache: KVCache | None, shared_kv, prefix_kv) -> bool:
+        """Whether this pass is a decode step (one token per row, a cache) that the layer stack runs."""
+        return (tokens.shape[1] == 1 and kv_cache is not None and shared_kv is None and prefix_kv is None
+                and decodes_with_layer_stack(self, tokens.shape[0]))
 
     def fuse_projections(self) -> "Transformer":
         """For inference: q/k/v and gate/up each as one product (see `Fusable`); idempotent."""

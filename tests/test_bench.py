@@ -153,3 +153,20 @@ def test_bad_input_is_a_clear_error(tmp_path):
         with pytest.raises(OverfillError, match=message):
             bench(BenchConfig(**{**base, **bad}))
     assert not (tmp_path / "b.json").exists()
+
+
+def test_the_gpu_script_names_every_result_after_the_gpu(tmp_path):
+    """benchmarks/latency/llama32_3b_gpu.sh, with `python` stubbed to print its arguments."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/sh\necho "$@"\n')
+    stub.chmod(0o755)
+    script = Path(__file__).parents[1] / "benchmarks/latency/llama32_3b_gpu.sh"
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "GPU": "h200"}
+    lines = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+    outs = [line.split("--out ")[1].split()[0] for line in lines]
+    assert [Path(o).name for o in outs] == [f"llama32_3b_h200{s}.json" for s in
+                                            ("", "_hf_static", "_prompt", "_output", "_batch")]

@@ -62,3 +62,17 @@ def test_the_speed_probe_measures_a_positive_ratio():
     device_mod.cpu_bf16_speedup.cache_clear()
     ratio = device_mod.cpu_bf16_speedup(torch.get_num_threads(), rounds=1)
     assert 0.01 < ratio < 100
+
+
+def test_cpu_caches_reads_sysfs_sizes(tmp_path):
+    from overfill.device import cpu_caches
+
+    for i, (level, kind, size) in enumerate([(1, "Data", "48K"), (1, "Instruction", "64K"), (2, "Unified", "2048K"),
+                                             (3, "Unified", "491520K")]):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    assert cpu_caches(str(tmp_path)) == {"L1": 48 << 10, "L2": 2 << 20, "L3": 480 << 20}
+    assert cpu_caches(str(tmp_path / "absent")) == {}

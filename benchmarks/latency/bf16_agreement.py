@@ -4,7 +4,8 @@
 
 Our engine (`BatchDecoder`, one prompt at a time so padding plays no part), greedy, EOS ignored,
 the same ShareGPT first turns under the chat template, in fp32 and in bf16 (weights and KV
-cache). Per prompt: how many leading tokens agree, and the share of positions that agree.
+cache), and in bf16 with the CPU kernels off (`engine/one_row.py`: the step layer by layer, bf16
+logits). Per prompt: how many leading tokens agree, and the share of positions that agree.
 SmolLM2's released weights are bf16; the built-in model is de-quantized from its Q4_1 GGUF.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from benchmarks.serve_load import sharegpt_prompts
 from overfill.bench import machine
-from overfill.engine import BatchDecoder, SamplingParams
+from overfill.engine import BatchDecoder, SamplingParams, one_row
 from overfill.generate import encode
 from overfill.two_stage import TwoStageModel
 
@@ -48,18 +49,21 @@ def main() -> None:
     result = {"machine": machine(torch.device("cpu")), "settings": vars(args), "systems": {}}
     for name, decoder in systems.items():
         models = {dt: TwoStageModel.from_refs(args.full, decoder, dtype=dt) for dt in (torch.float32, torch.bfloat16)}
-        rows = []
+        rows: dict[str, list] = {name: [], f"{name}, kernels off": []}
         for text in prompts:
             ids = encode(models[torch.float32].tokenizer, text)
             fp32, bf16 = (greedy(models[dt], ids, args.tokens) for dt in (torch.float32, torch.bfloat16))
-            rows.append({"prompt": text[:80], **compare(fp32, bf16)})
-        result["systems"][name] = {
-            "mean_agreement": statistics.fmean(r["agreement"] for r in rows),
-            "identical_prompts": sum(r["agreeing_prefix"] == args.tokens for r in rows),
-            "median_agreeing_prefix": statistics.median(r["agreeing_prefix"] for r in rows), "prompts": rows}
-        s = result["systems"][name]
-        print(f"{name}: {s['identical_prompts']}/{len(rows)} prompts identical over {args.tokens} tokens, "
-              f"mean agreement {s['mean_agreement']:.1%}, median agreeing prefix {s['median_agreeing_prefix']}")
+            with one_row.off():  # bf16 layer by layer on F.linear, bf16 logits
+                bf16_off = greedy(models[torch.bfloat16], ids, args.tokens)
+            rows[name].append({"prompt": text[:80], **compare(fp32, bf16)})
+            rows[f"{name}, kernels off"].append({"prompt": text[:80], **compare(fp32, bf16_off)})
+        for label, runs in rows.items():
+            result["systems"][label] = s = {
+                "mean_agreement": statistics.fmean(r["agreement"] for r in runs),
+                "identical_prompts": sum(r["agreeing_prefix"] == args.tokens for r in runs),
+                "median_agreeing_prefix": statistics.median(r["agreeing_prefix"] for r in runs), "prompts": runs}
+            print(f"{label}: {s['identical_prompts']}/{len(runs)} prompts identical over {args.tokens} tokens, "
+                  f"mean agreement {s['mean_agreement']:.1%}, median agreeing prefix {s['median_agreeing_prefix']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 

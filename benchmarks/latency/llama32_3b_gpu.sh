@@ -17,12 +17,12 @@ PY
 )}
 [ -n "$gpu" ] || { echo "no CUDA device: this benchmark is for a GPU" >&2; exit 2; }
 python -m overfill.cli bench --shapes llama3.2-3b --prompt-len 512 --output-len 256 --batch-size 1 \
-    --repeats 10 --out $out/llama32_3b_$gpu.json "$@"
+    --repeats 10 --out $out/llama32_3b_${gpu}.json "$@"
 python -m overfill.cli bench --shapes llama3.2-3b --prompt-len 512 --output-len 256 --batch-size 1 \
-    --systems full hf --hf-cache static --repeats 5 --out $out/llama32_3b_$gpu_hf_static.json "$@"
+    --systems full hf --hf-cache static --repeats 5 --out $out/llama32_3b_${gpu}_hf_static.json "$@"
 python -m overfill.cli bench --shapes llama3.2-3b --prompt-len 128 512 2048 4096 --output-len 256 \
-    --systems full decoder overfill reference --refresh-every 32 --out $out/llama32_3b_$gpu_prompt.json "$@"
+    --systems full decoder overfill reference --refresh-every 32 --out $out/llama32_3b_${gpu}_prompt.json "$@"
 python -m overfill.cli bench --shapes llama3.2-3b --prompt-len 512 --output-len 64 256 1024 \
-    --systems full decoder overfill reference --refresh-every 32 --out $out/llama32_3b_$gpu_output.json "$@"
+    --systems full decoder overfill reference --refresh-every 32 --out $out/llama32_3b_${gpu}_output.json "$@"
 python -m overfill.cli bench --shapes llama3.2-3b --prompt-len 512 --output-len 256 --batch-size 1 8 64 \
-    --systems full decoder overfill reference --refresh-every 32 --out $out/llama32_3b_$gpu_batch.json "$@"
+    --systems full decoder overfill reference --refresh-every 32 --out $out/llama32_3b_${gpu}_batch.json "$@"

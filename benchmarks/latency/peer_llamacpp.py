@@ -8,11 +8,12 @@ converter). Systems, for every prompt x output length:
   llama.cpp full / decoder, f32 and bf16   `Llama.eval` of the prompt, then one token per `eval`,
                                            greedy (argmax of the last logits), batch 1
   ours full / decoder / overfill, fp32 and bf16   `overfill bench`'s timing of our engine
-                                           (`BatchDecoder`, compiled decode step), batch 1 and --batch-size
-  ours decoder / overfill bf16, F.linear   where the CPU has the opt-in bf16 one-row kernel
-                                           (`engine/one_row.py`), this run turns it on for the
-                                           "ours ... bf16" rows, and these rows are the default
-                                           engine (the products as inductor compiles them)
+                                           (`BatchDecoder`, compiled decode step; in bf16 where
+                                           the CPU has AVX512-BF16, the layer stack of
+                                           `engine/one_row.py`), batch 1 and --batch-size
+  ours decoder / overfill bf16, inductor   there, the A/B: the same engine with the kernels off
+                                           (`one_row.off()`), its step layer by layer as
+                                           inductor compiles it
 Each system is warmed up, then all are timed in turn, --repeats rounds, so that machine noise
 hits them alike; ratios are per round (median, min, max). The floor of a step is
 (weights + KV bytes it reads) / the bandwidth measured in the same run; both keep the KV cache
@@ -87,8 +88,8 @@ def lineup(args, models: dict, batch: int, n_ctx: int) -> list[Contender]:
             run = lambda prompts, n, m=two_stage: time_engine(m, prompts, n, compile=True)  # noqa: E731
             out.append(Contender(f"ours {name} {OURS[precision]}", name, "ours (compiled)", 0, run,
                                  two_stage.decoder, two_stage.full))
-            if precision == "bf16" and name != "full" and one_row.enabled():  # the A/B of the bf16 kernel
-                out.append(Contender(f"ours {name} bf16, F.linear", name, "ours (compiled, F.linear)", 0,
+            if precision == "bf16" and name != "full" and one_row.enabled():  # the A/B of the bf16 kernels
+                out.append(Contender(f"ours {name} bf16, inductor", name, "ours (compiled, kernels off)", 0,
                                      without_one_row_kernel(run), two_stage.decoder, two_stage.full))
     return out
 
@@ -106,9 +107,9 @@ RATIOS = {  # name: (slow, fast, key); > 1 means `fast` is faster
     "llama.cpp decoder bf16 / ours decoder bf16, tpot": ("llama.cpp decoder bf16", "ours decoder bf16", "tpot_s"),
     "llama.cpp decoder f32 / ours decoder fp32, tpot": ("llama.cpp decoder f32", "ours decoder fp32", "tpot_s"),
     "llama.cpp full bf16 / ours full bf16, tpot": ("llama.cpp full bf16", "ours full bf16", "tpot_s"),
-    "ours decoder bf16, F.linear / ours decoder bf16, tpot": ("ours decoder bf16, F.linear", "ours decoder bf16",
+    "ours decoder bf16, inductor / ours decoder bf16, tpot": ("ours decoder bf16, inductor", "ours decoder bf16",
                                                               "tpot_s"),
-    "ours overfill bf16, F.linear / ours overfill bf16, e2e": ("ours overfill bf16, F.linear", "ours overfill bf16",
+    "ours overfill bf16, inductor / ours overfill bf16, e2e": ("ours overfill bf16, inductor", "ours overfill bf16",
                                                                "e2e_s"),
     "ours full bf16 / ours overfill bf16, e2e": ("ours full bf16", "ours overfill bf16", "e2e_s"),
     "ours overfill fp32 / ours overfill bf16, e2e": ("ours overfill fp32", "ours overfill bf16", "e2e_s"),
@@ -194,7 +195,6 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/latency/results/peer_llamacpp_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("OVERFILL_ONE_ROW_KERNEL", "1")  # the A/B of the opt-in kernel (lineup)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     models = {p: (load_model(args.full, dtype=d), load_model(args.decoder, dtype=d)) for p, d in PRECISIONS.items()}
     import llama_cpp

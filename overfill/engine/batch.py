@@ -10,7 +10,7 @@ from ..errors import OverfillError
 from ..two_stage import TwoStageModel
 from .sampling import Sampler, SamplingParams, row_seed
 from .step import (cache_len, compiled_decode_one_token, decode_one_token, first_token, left_pad,
-                   prepare_for_compile, refresh, refresh_due)
+                   prepare_for_decoding, refresh, refresh_due)
 
 
 class BatchDecoder:
@@ -50,8 +50,8 @@ class BatchDecoder:
         self._static = compile
         self._graphs = compile and device.type == "cuda"
         self._step = compiled_decode_one_token(device.type) if compile else decode_one_token
+        prepare_for_decoding(model.full, model.decoder, compile=compile)
         if compile:
-            prepare_for_compile(model.full, model.decoder)
             # CUDA graphs replay over these buffers in place; on a CPU the step is ~8 % faster with them
             # static too (bf16 decoder, 2-core AMX Xeon).
             for buffer in self.kv_cache.k + self.kv_cache.v + [self.kv_cache.valid]:

@@ -46,7 +46,7 @@ from ..model import positions_from_padding
 from ..two_stage import TwoStageModel
 from .sampling import Sampler, SamplingParams, row_seed
 from .step import (compiled_decode_one_token, decode_one_token, finish_reason, first_token, left_pad,
-                   prepare_for_compile, refresh, refresh_due)
+                   prepare_for_decoding, refresh, refresh_due)
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,7 @@ class ContinuousBatcher:
         self.stats = Stats()
         self.compile = compile
         self._step = compiled_decode_one_token(self.device.type) if compile else decode_one_token
-        if compile:
-            prepare_for_compile(model.full, model.decoder)
+        prepare_for_decoding(model.full, model.decoder, compile=compile)
         self._sampler: Sampler | None = None
         length = min(initial_len, self.window)
         self._views: dict[int, KVCache] = {}

@@ -1,17 +1,26 @@
-"""bf16 products of a decode step's few rows on CPUs with AVX512-BF16 (`one_row.cpp`).
+"""bf16 decode steps on CPUs with AVX512-BF16 (`one_row.cpp`): a layer stack and a one-row product.
 
 A decode step multiplies 1-8 rows by each weight matrix: memory-bound work that should stream
 the weight once at memory speed. On a CPU in bf16 neither library path does: oneDNN's bf16 GEMV
 (`F.linear`) and inductor's own one-row reductions reach 25-36 % of the bandwidth floor on the
 decoder's 0.3-1 MB products, where MKL's fp32 GEMV reaches 85-100 %
-(benchmarks/latency/results/one_row_products_cpu.json). The kernel loads each weight row once,
-dots it with every input row with `vdpbf16ps` (fp32 accumulation, one bf16 rounding of the
-result, as `F.linear`) and splits the rows between threads. It is a `torch.ops.overfill` op
-with a fake implementation, so the compiled decode step calls it from inside its graph.
+(benchmarks/latency/results/one_row_products_cpu.json). Three ops, built from one loop that loads
+each weight row once and dots it with every input row (`vdpbf16ps`, fp32 accumulation, one bf16
+rounding of the result, as `F.linear`), prefetching the rows two blocks ahead:
 
-OVERFILL_ONE_ROW_KERNEL=1 turns it on (off by default: see `requested`). It is built on first use by
-torch's C++ extension loader (about a minute, then cached under ~/.cache/torch_extensions); where
-the CPU lacks AVX512-BF16 or the build fails, the products stay `F.linear` and nothing else changes.
+- `one_row_linear(x, weight)`: one product, its rows split between threads; a `torch.ops.overfill`
+  op with a fake implementation, so that a compiled step can call it from inside its graph.
+- `one_row_logits(x, weight)`: the same, with the fp32 sums as they are (the output layer).
+- `decode_layers(...)` (`LayerStack`): all layers of a decode step in one parallel region, the
+  threads splitting every product and the attention heads, a barrier between dependent phases.
+  Per step that is ~180 barriers instead of ~400 library calls or inductor kernels, each with a
+  fork and join of the threads: the decoder's step runs about twice as fast as inductor's
+  (benchmarks/README.md), without compiling anything.
+
+On by default where the CPU has AVX512-BF16; OVERFILL_ONE_ROW_KERNEL=0 turns both off. They are
+built on first use by torch's C++ extension loader (about a minute, then cached under
+~/.cache/torch_extensions); where the CPU lacks the instructions or the build fails, the step stays
+layer by layer on `F.linear` and nothing else changes.
 """
 from __future__ import annotations
 
@@ -63,9 +72,8 @@ def load() -> bool:
 
 
 def requested() -> bool:
-    """The kernel is opt-in (OVERFILL_ONE_ROW_KERNEL=1): in the whole compiled step it has not beaten
-    inductor's fused reductions yet (benchmarks/README.md), though each product alone runs ~2x faster."""
-    return os.environ.get("OVERFILL_ONE_ROW_KERNEL", "0") == "1"
+    """Whether the kernels are wanted: yes unless OVERFILL_ONE_ROW_KERNEL=0."""
+    return os.environ.get("OVERFILL_ONE_ROW_KERNEL", "1") != "0"
 
 
 def enabled() -> bool:
@@ -75,20 +83,73 @@ def enabled() -> bool:
 
 @contextlib.contextmanager
 def off():
-    """Products on `F.linear` within, for an A/B in one process (the compiled step recompiles: its
-    graph is keyed on the model's kernel setting)."""
-    from ..model import _ONE_ROW_KERNEL, use_one_row_kernel
+    """Decode steps layer by layer on `F.linear` within, for an A/B in one process (a compiled step
+    recompiles: its graph is keyed on the model's kernel setting)."""
+    from .. import model
 
     global _held_off
-    saved, _held_off = _ONE_ROW_KERNEL, _held_off + 1
-    use_one_row_kernel()
+    saved, _held_off = (model._ONE_ROW_KERNEL, model._DECODE_LAYERS), _held_off + 1
+    model.use_one_row_kernel()
+    model.use_decode_layers()
     try:
         yield
     finally:
         _held_off -= 1
-        use_one_row_kernel(*(saved or ()))
+        model.use_one_row_kernel(*(saved[0] or ()))
+        model.use_decode_layers(saved[1])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., K] (at most MAX_ROWS rows) @ weight [N, K]^T -> [..., N], bf16 on the CPU; needs `load()`."""
+    """x [..., K] (at most 8 rows) @ weight [N, K]^T -> [..., N], bf16 on the CPU; needs `load()`."""
     return torch.ops.overfill.one_row_linear(x, weight)
+
+
+
+class LayerStack:
+    """A decode step's layers in one call of `torch.ops.overfill.decode_layers` (`one_row.cpp`): the
+    threads split every product and the attention heads inside one parallel region, so a layer
+    costs a few barriers instead of a dozen library calls, and no compile is needed."""
+
+    def supports(self, model, rows: int) -> bool:
+        """Llama / Mistral / Qwen2 / Qwen3 layers (not an o_proj bias) with fused projections, bf16 on
+        the CPU, head size a multiple of 16 (at most 512), 1-8 rows; else the step stays layer by layer."""
+        a = model.args
+        first = model.model.layers[0]
+        return (1 <= rows <= 8 and not a.o_bias and a.head_dim % 16 == 0
+                and a.head_dim <= 512 and first.self_attn.is_fused and first.mlp.is_fused
+                and first.mlp.down_proj.weight.dtype == torch.bfloat16
+                and first.mlp.down_proj.weight.device.type == "cpu")
+
+    def __call__(self, model, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache,
+                 slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x `[B, 1, d]` (embedded), rope's cos/sin `[B, 1, D]`, mask `[B, 1, 1, S]`, slots `[1]` -> the
+        residual stream `[B, 1, d]` after the last layer; this step's K/V go into `kv_cache`."""
+        weights = []
+        for layer in model.model.layers:  # through the modules' dicts: nn.Module.__getattr__ would cost 0.25 ms a step
+            mods = layer._modules
+            attn, mlp = mods["self_attn"], mods["mlp"]
+            weights += [mods["input_layernorm"]._parameters["weight"], attn._buffers["fused_weight"],
+                        attn._modules["o_proj"]._parameters["weight"],
+                        mods["post_attention_layernorm"]._parameters["weight"], mlp._buffers["fused_weight"],
+                        mlp._modules["down_proj"]._parameters["weight"]]
+            a = model.args
+            if a.qkv_bias:
+                weights.append(attn._buffers["fused_bias"])
+            if a.qk_norm:
+                weights += [attn._modules["q_norm"]._parameters["weight"], attn._modules["k_norm"]._parameters["weight"]]
+        B = x.shape[0]
+        cos, sin = (t.reshape(B, -1).contiguous() for t in rope)  # [B, D]
+        a = model.args
+        y = torch.ops.overfill.decode_layers(x.reshape(B, -1), weights, kv_cache.k, kv_cache.v, cos, sin,
+                                             mask.reshape(B, -1).contiguous(), int(slots[0]),
+                                             a.num_attention_heads, a.num_key_value_heads, a.rms_norm_eps,
+                                             a.qkv_bias, a.qk_norm)
+        return y.view(B, 1, -1)
+
+    def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer of the step: hidden `[B, 1, d]` -> fp32 logits `[B, 1, V]`. Rounded to bf16,
+        logits of ~15 are 0.06 apart, and ties decide greedy tokens."""
+        return torch.ops.overfill.one_row_logits(hidden, model.lm_head.weight)
+
+
+LAYER_STACK = LayerStack()

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from ..kv_cache import KVCache
-from ..model import Transformer, causal_mask, positions_from_padding, use_one_row_kernel
+from ..model import (Transformer, causal_mask, decodes_with_layer_stack, positions_from_padding, use_decode_layers,
+                     use_one_row_kernel)
 from . import one_row
 from .sampling import Sampler, SamplingParams, sample
 
@@ -107,12 +108,22 @@ def compiled_decode_one_token(device_type: str) -> Callable:
     Its C++ wrapper calls the kernels without Python: 2-4 % off the decoder's bf16 step on a
     2-core AMX Xeon (benchmarks/README.md), for some 25 s more of compile time. Sampling is
     in the graph, so a step ends with the tokens on the device and no host sync.
+
+    A step that the bf16 layer stack runs (`model.decodes_with_layer_stack`, engine/one_row.py)
+    is not compiled: the stack is one C++ call already, and twice as fast as inductor's step.
     """
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
     if device_type == "cuda":
         return torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    return torch.compile(decode_one_token, fullgraph=True, dynamic=False,
-                         options=one_row_product_options() | {"cpp_wrapper": True})
+    compiled = torch.compile(decode_one_token, fullgraph=True, dynamic=False,
+                             options=one_row_product_options() | {"cpp_wrapper": True})
+
+    def step(decoder: Transformer, kv_cache: KVCache, token: Tensor, position: Tensor, slot: Tensor,
+             kv_len: int | None, sampler: Sampler | None) -> Tensor:
+        run = decode_one_token if decodes_with_layer_stack(decoder, token.shape[0]) else compiled
+        return run(decoder, kv_cache, token, position, slot, kv_len, sampler)
+
+    return step
 
 
 def one_row_product_options() -> dict:
@@ -126,15 +137,19 @@ def one_row_product_options() -> dict:
     return {"post_grad_fusion_options": {"decompose_mm_pass": limit}}
 
 
-def prepare_for_compile(*models: Transformer) -> None:
-    """q/k/v and gate/up as one product each (no copy, parameter names unchanged); on a CPU in
-    bf16, the step's products through the one-row kernel when it is asked for and this CPU has it
-    (`one_row.py`; OVERFILL_ONE_ROW_KERNEL=1)."""
-    for m in models:
-        m.fuse_projections()
+def prepare_for_decoding(*models: Transformer, compile: bool) -> None:
+    """Ready the models for the engine's decode steps. On a CPU in bf16 where the kernels are on
+    (`one_row.enabled()`), compiled or not: the steps' layers through the layer stack, their other
+    few-row products through the one-row kernel. There, and for any compiled step, q/k/v and
+    gate/up as one product each (no copy, parameter names unchanged)."""
     weights = [next(m.parameters()) for m in models]
-    if all(w.device.type == "cpu" and w.dtype == torch.bfloat16 for w in weights) and one_row.enabled():
+    kernels = all(w.device.type == "cpu" and w.dtype == torch.bfloat16 for w in weights) and one_row.enabled()
+    if compile or kernels:
+        for m in models:
+            m.fuse_projections()
+    if kernels:
         use_one_row_kernel(one_row.linear, one_row.MAX_ROWS)
+        use_decode_layers(one_row.LAYER_STACK)
 
 
 def cache_len(n: int, static: bool) -> int:
