@@ -380,3 +380,9 @@ def test_a_row_decodes_through_the_stack_as_alone(no_kernel, monkeypatch):
     together = greedy(prompts)
     assert model_module._DECODE_LAYERS is one_row.LAYER_STACK
     assert together == [greedy([p])[0] for p in prompts]
+
+
+def test_the_kernels_build_wherever_the_cpu_has_the_instructions():
+    """Else every test above would skip, and a broken build would pass unseen."""
+    if one_row.supported()[0]:
+        assert one_row.load()

@@ -16,7 +16,7 @@
 
 namespace {
 
-constexpr int64_t kMaxRows = 8;
+constexpr int kMaxRows = 8;
 
 #define OVERFILL_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
@@ -45,8 +45,7 @@ OVERFILL_TARGET inline __m512 sum16(const __m512* v) {
 // for one core to stream at memory speed (the hardware prefetchers alone fall short on 16 rows).
 constexpr int kPrefetch = 2;
 
-template <int M>
-OVERFILL_TARGET inline void dot_block(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* w,
+OVERFILL_TARGET inline void dot_block(int M, const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* w,
                                       int64_t w_stride, int64_t K, int rows, __m512* sums) {
   const int64_t full = K / 32;
   const int rem = static_cast<int>(K % 32);
@@ -72,14 +71,14 @@ OVERFILL_TARGET inline void dot_block(const c10::BFloat16* x, int64_t x_stride, 
 
 // Output rows [begin, end) of y = x @ w^T, in blocks of 16: fp32, or rounded to bf16 (nearest even,
 // as c10::BFloat16).
-template <int M, typename Out>
-OVERFILL_TARGET void rows_range(const c10::BFloat16* x, const c10::BFloat16* w, Out* y, int64_t K, int64_t N,
+template <typename Out>
+OVERFILL_TARGET void rows_range(int M, const c10::BFloat16* x, const c10::BFloat16* w, Out* y, int64_t K, int64_t N,
                                 int64_t begin, int64_t end) {
-  __m512 sums[M];
+  __m512 sums[kMaxRows];
   for (int64_t n0 = begin; n0 < end; n0 += 16) {
     const int rows = static_cast<int>(std::min<int64_t>(16, end - n0));
     const auto mask = static_cast<__mmask16>((1u << rows) - 1);
-    dot_block<M>(x, K, w + n0 * K, K, K, rows, sums);
+    dot_block(M, x, K, w + n0 * K, K, K, rows, sums);
     for (int m = 0; m < M; ++m) {
       if constexpr (std::is_same_v<Out, float>)
         _mm512_mask_storeu_ps(y + m * N + n0, mask, sums[m]);
@@ -89,25 +88,11 @@ OVERFILL_TARGET void rows_range(const c10::BFloat16* x, const c10::BFloat16* w, 
   }
 }
 
-template <int M, typename Out>
-void product(const c10::BFloat16* x, const c10::BFloat16* w, Out* y, int64_t K, int64_t N) {
+template <typename Out>
+void product(int M, const c10::BFloat16* x, const c10::BFloat16* w, Out* y, int64_t K, int64_t N) {
   // blocks of 16 rows, at least 64 rows per thread: below that, waking a second thread costs more
   // than it saves
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) { rows_range<M>(x, w, y, K, N, begin, end); });
-}
-
-template <typename Out>
-void product_rows(int64_t M, const c10::BFloat16* x, const c10::BFloat16* w, Out* y, int64_t K, int64_t N) {
-  switch (M) {
-    case 1: product<1>(x, w, y, K, N); break;
-    case 2: product<2>(x, w, y, K, N); break;
-    case 3: product<3>(x, w, y, K, N); break;
-    case 4: product<4>(x, w, y, K, N); break;
-    case 5: product<5>(x, w, y, K, N); break;
-    case 6: product<6>(x, w, y, K, N); break;
-    case 7: product<7>(x, w, y, K, N); break;
-    default: product<8>(x, w, y, K, N); break;
-  }
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) { rows_range(M, x, w, y, K, N, begin, end); });
 }
 
 // fp32_out: the sums as they are (an output layer's logits: no ties from rounding them to bf16).
@@ -127,9 +112,9 @@ at::Tensor rows_product(const at::Tensor& x, const at::Tensor& weight, bool fp32
   const auto* xp = x2.data_ptr<c10::BFloat16>();
   const auto* wp = w.data_ptr<c10::BFloat16>();
   if (fp32_out)
-    product_rows(M, xp, wp, y.data_ptr<float>(), K, N);
+    product(static_cast<int>(M), xp, wp, y.data_ptr<float>(), K, N);
   else
-    product_rows(M, xp, wp, y.data_ptr<c10::BFloat16>(), K, N);
+    product(static_cast<int>(M), xp, wp, y.data_ptr<c10::BFloat16>(), K, N);
   return y.view(sizes);
 }
 
@@ -187,15 +172,15 @@ inline void rms_norm(const bf16* x, const bf16* weight, bf16* out, const StackSh
 }
 
 // y[m, n] = epilogue(m, n, x[m] . w[n]) for this thread's share of w's N rows.
-template <int M, typename Epilogue>
-OVERFILL_TARGET void product_share(const bf16* x, const bf16* w, int64_t K, int64_t N, int threads, int tid,
+template <typename Epilogue>
+OVERFILL_TARGET void product_share(int M, const bf16* x, const bf16* w, int64_t K, int64_t N, int threads, int tid,
                                    Epilogue epilogue) {
   const auto [begin, end] = share(N, threads, tid);
-  __m512 sums[M];
+  __m512 sums[kMaxRows];
   alignas(64) float lanes[16];
   for (int64_t n0 = begin; n0 < end; n0 += 16) {
     const int rows = static_cast<int>(std::min<int64_t>(16, end - n0));
-    dot_block<M>(x, K, w + n0 * K, K, K, rows, sums);
+    dot_block(M, x, K, w + n0 * K, K, K, rows, sums);
     for (int m = 0; m < M; ++m) {
       _mm512_store_ps(lanes, sums[m]);
       for (int r = 0; r < rows; ++r) epilogue(m, n0 + r, lanes[r]);
@@ -250,7 +235,7 @@ OVERFILL_TARGET void attend(const bf16* q, const bf16* k, const bf16* v, const b
     const int rows = static_cast<int>(std::min<int64_t>(16, hi - s0));
     const auto in_range = static_cast<__mmask16>((1u << rows) - 1);
     __m512 dots;
-    dot_block<1>(q, D, k + s0 * c.slot, c.slot, D, rows, &dots);
+    dot_block(1, q, D, k + s0 * c.slot, c.slot, D, rows, &dots);
     const __mmask16 seen = _mm_test_epi8_mask(_mm_maskz_loadu_epi8(in_range, mask + s0), _mm_set1_epi8(1));
     const __m512 block = _mm512_mask_mul_ps(masked, seen, dots, scale);  // -inf where masked
     _mm512_mask_storeu_ps(scores + (s0 - lo), in_range, block);
@@ -280,16 +265,15 @@ OVERFILL_TARGET void attend(const bf16* q, const bf16* k, const bf16* v, const b
 
 // act[m, n] = silu(gate[m, n]) * up[m, n] for this thread's share of the ffn columns: gate row n and
 // up row n (row ffn + n of the fused weight) are read by the same thread.
-template <int M>
-OVERFILL_TARGET void gate_up_share(const bf16* normed, const bf16* gate_up, bf16* act, const StackShape& s, int nt,
+OVERFILL_TARGET void gate_up_share(int M, const bf16* normed, const bf16* gate_up, bf16* act, const StackShape& s, int nt,
                                    int tid) {
   const auto [begin, end] = share(s.ffn, nt, tid);
-  __m512 gate[M], up[M];
+  __m512 gate[kMaxRows], up[kMaxRows];
   alignas(64) float g_lanes[16], u_lanes[16];
   for (int64_t n0 = begin; n0 < end; n0 += 16) {
     const int rows = static_cast<int>(std::min<int64_t>(16, end - n0));
-    dot_block<M>(normed, s.hidden, gate_up + n0 * s.hidden, s.hidden, s.hidden, rows, gate);
-    dot_block<M>(normed, s.hidden, gate_up + (s.ffn + n0) * s.hidden, s.hidden, s.hidden, rows, up);
+    dot_block(M, normed, s.hidden, gate_up + n0 * s.hidden, s.hidden, s.hidden, rows, gate);
+    dot_block(M, normed, s.hidden, gate_up + (s.ffn + n0) * s.hidden, s.hidden, s.hidden, rows, up);
     for (int m = 0; m < M; ++m) {
       _mm512_store_ps(g_lanes, gate[m]);
       _mm512_store_ps(u_lanes, up[m]);
@@ -301,10 +285,10 @@ OVERFILL_TARGET void gate_up_share(const bf16* normed, const bf16* gate_up, bf16
   }
 }
 
-template <int M>
 void layer_stack(bf16* x, const std::vector<LayerWeights>& layers, const std::vector<at::Tensor>& k_cache,
                  const std::vector<at::Tensor>& v_cache, const bf16* cos, const bf16* sin, const bool* mask,
                  int64_t slot, const StackShape& s, const CacheLayout& c) {
+  const int M = static_cast<int>(s.rows);
   const int64_t q_width = s.heads * s.head_dim, kv_width = s.kv_heads * s.head_dim;
   const int64_t qkv_width = q_width + 2 * kv_width, rep = s.heads / s.kv_heads, D = s.head_dim;
   std::vector<bf16> qkv(M * qkv_width), attn(M * q_width), act(M * s.ffn);
@@ -319,7 +303,7 @@ void layer_stack(bf16* x, const std::vector<LayerWeights>& layers, const std::ve
       bf16* k_l = k_cache[l].data_ptr<bf16>();
       bf16* v_l = v_cache[l].data_ptr<bf16>();
       rms_norm(x, w.input_norm, normed.data(), s);
-      product_share<M>(normed.data(), w.qkv, s.hidden, qkv_width, nt, tid, [&](int m, int64_t n, float v) {
+      product_share(M, normed.data(), w.qkv, s.hidden, qkv_width, nt, tid, [&](int m, int64_t n, float v) {
         qkv[m * qkv_width + n] = static_cast<bf16>(w.qkv_bias ? v + static_cast<float>(w.qkv_bias[n]) : v);
       });
 #pragma omp barrier
@@ -344,15 +328,15 @@ void layer_stack(bf16* x, const std::vector<LayerWeights>& layers, const std::ve
                scores.data(), attn.data() + m * q_width + h * D);
       }
 #pragma omp barrier
-      product_share<M>(attn.data(), w.o, q_width, s.hidden, nt, tid, [&](int m, int64_t n, float v) {
+      product_share(M, attn.data(), w.o, q_width, s.hidden, nt, tid, [&](int m, int64_t n, float v) {
         bf16& r = x[m * s.hidden + n];
         r = static_cast<bf16>(static_cast<float>(r) + rounded(v));
       });
 #pragma omp barrier
       rms_norm(x, w.post_norm, normed.data(), s);
-      gate_up_share<M>(normed.data(), w.gate_up, act.data(), s, nt, tid);
+      gate_up_share(M, normed.data(), w.gate_up, act.data(), s, nt, tid);
 #pragma omp barrier
-      product_share<M>(act.data(), w.down, s.ffn, s.hidden, nt, tid, [&](int m, int64_t n, float v) {
+      product_share(M, act.data(), w.down, s.ffn, s.hidden, nt, tid, [&](int m, int64_t n, float v) {
         bf16& r = x[m * s.hidden + n];
         r = static_cast<bf16>(static_cast<float>(r) + rounded(v));
       });
@@ -414,16 +398,7 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::Tensor
   bf16* xp = out.data_ptr<bf16>();
   const bf16 *cp = cos.data_ptr<bf16>(), *sp = sin.data_ptr<bf16>();
   const bool* mp = mask.data_ptr<bool>();
-  switch (B) {
-    case 1: layer_stack<1>(xp, layers, ks, vs, cp, sp, mp, slot, shape, layout); break;
-    case 2: layer_stack<2>(xp, layers, ks, vs, cp, sp, mp, slot, shape, layout); break;
-    case 3: layer_stack<3>(xp, layers, ks, vs, cp, sp, mp, slot, shape, layout); break;
-    case 4: layer_stack<4>(xp, layers, ks, vs, cp, sp, mp, slot, shape, layout); break;
-    case 5: layer_stack<5>(xp, layers, ks, vs, cp, sp, mp, slot, shape, layout); break;
-    case 6: layer_stack<6>(xp, layers, ks, vs, cp, sp, mp, slot, shape, layout); break;
-    case 7: layer_stack<7>(xp, layers, ks, vs, cp, sp, mp, slot, shape, layout); break;
-    default: layer_stack<8>(xp, layers, ks, vs, cp, sp, mp, slot, shape, layout); break;
-  }
+  layer_stack(xp, layers, ks, vs, cp, sp, mp, slot, shape, layout);
   return out;
 }
 
