@@ -2,8 +2,8 @@
 
     python -m benchmarks.latency.layer_stack_cache --decoder DIR [--out benchmarks/latency/results/layer_stack_cache_cpu_amx.json]
 
-Some cloud Xeons show a last-level cache larger than a small decoder (480 MiB against SmolLM2's
-pruned decoder's 84 MB in bf16), so a step can read part of its weights from the cache, and its
+Some cloud Xeons show a last-level cache larger than a small decoder (480 MiB against the 98 MB
+a step of SmolLM2's pruned decoder reads in bf16), so a step can read part of its weights from the cache, and its
 fraction of the DRAM floor (`bench.measure_bandwidth`, 256 MB buffers) overstates what a machine
 whose weights do not fit would get. This times one decode step of the engine (`BatchDecoder`,
 decoder alone, batch 1), round-robin: "warm" right after the previous step, "evicted" after a

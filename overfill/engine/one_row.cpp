@@ -143,14 +143,18 @@ struct StackShape {
   float eps;
 };
 
-// RMSNorm of one head [D] in place (Qwen3's q/k norms), rounded as model.RMSNorm.
-inline void head_norm(bf16* x, const bf16* weight, int64_t D, float eps) {
-  if (weight == nullptr) return;
+// RMSNorm of one vector [n] into out (which may be x), rounded as model.RMSNorm: bf16(w * bf16(x * r)).
+inline void norm_row(const bf16* x, const bf16* weight, bf16* out, int64_t n, float eps) {
   float ss = 0.f;
-  for (int64_t i = 0; i < D; ++i) ss += static_cast<float>(x[i]) * static_cast<float>(x[i]);
-  const float scale = 1.f / std::sqrt(ss / D + eps);
-  for (int64_t i = 0; i < D; ++i)
-    x[i] = static_cast<bf16>(static_cast<float>(weight[i]) * rounded(static_cast<float>(x[i]) * scale));
+  for (int64_t i = 0; i < n; ++i) ss += static_cast<float>(x[i]) * static_cast<float>(x[i]);
+  const float scale = 1.f / std::sqrt(ss / n + eps);
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = static_cast<bf16>(static_cast<float>(weight[i]) * rounded(static_cast<float>(x[i]) * scale));
+}
+
+// Qwen3's q/k norms, one head [D] in place; nothing where the architecture has none.
+inline void head_norm(bf16* x, const bf16* weight, int64_t D, float eps) {
+  if (weight != nullptr) norm_row(x, weight, x, D, eps);
 }
 
 // This thread's share of n outputs, in whole blocks of 16.
@@ -161,14 +165,7 @@ inline std::pair<int64_t, int64_t> share(int64_t n, int threads, int tid) {
 
 // Each thread's own copy of RMSNorm(x) [rows, d]: cheaper than a barrier.
 inline void rms_norm(const bf16* x, const bf16* weight, bf16* out, const StackShape& s) {
-  for (int64_t m = 0; m < s.rows; ++m) {
-    const bf16* xm = x + m * s.hidden;
-    float ss = 0.f;
-    for (int64_t i = 0; i < s.hidden; ++i) ss += static_cast<float>(xm[i]) * static_cast<float>(xm[i]);
-    const float scale = 1.f / std::sqrt(ss / s.hidden + s.eps);
-    for (int64_t i = 0; i < s.hidden; ++i)
-      out[m * s.hidden + i] = static_cast<bf16>(static_cast<float>(weight[i]) * rounded(static_cast<float>(xm[i]) * scale));
-  }
+  for (int64_t m = 0; m < s.rows; ++m) norm_row(x + m * s.hidden, weight, out + m * s.hidden, s.hidden, s.eps);
 }
 
 // y[m, n] = epilogue(m, n, x[m] . w[n]) for this thread's share of w's N rows.
