@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("overfill.commands.generate:generate_command", "two-stage generation from a prompt or chat message"),
     "info": ("overfill.commands.info:info_command", "sizes of a model; cache compatibility of a pair"),
     "prune": ("overfill.commands.prune:prune_command", "Minitron-style width pruning that keeps the KV cache"),
+    "teach": ("overfill.commands.teach:teach_command", "the full model answers the training prompts (distillation data)"),
     "train": ("overfill.commands.train:train_command", "train an OverFill decoder or the pruned baseline"),
     "eval": ("overfill.commands.eval:eval_command", "benchmarks and chat quality: full / decoder / overfill"),
     "bench": ("overfill.commands.bench:bench_command", "latency and throughput against the memory-bandwidth floor"),

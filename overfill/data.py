@@ -7,7 +7,10 @@ A *source* is the built-in name `sharegpt` (real multi-turn chats from the PyPI 
   `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}` (chat),
   `{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}` (ShareGPT),
   `{"prompt": ..., "response": ...}` (one exchange, optional `"system"`),
-  `{"text": ...}` (plain text); any record may carry an `"id"`;
+  `{"text": ...}` (plain text),
+  `{"prompt_ids": [...], "response_ids": [...]}` (token ids, as `overfill teach` writes them: the
+  full model's own answers; no template is applied, the ids are the example);
+  any record may carry an `"id"`; a `.jsonl.gz` file is read the same way;
 - `.txt`: plain text, one document per blank-line-separated block.
 
 An `Example` is what OverFill trains on: `prompt_ids` are the tokens the full model prefills
@@ -33,6 +36,7 @@ Rules, the same for every source:
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib.util
 import json
@@ -40,7 +44,7 @@ import logging
 import random
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -65,6 +69,7 @@ class Example:
     prompt_ids: list[int]
     response_ids: list[int]
     uid: str  # "<record uid>#<assistant turn>" for chats, "<record uid>" for plain text
+    key: str = field(default="", compare=False)  # the record's split key (see in_validation)
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,15 @@ class Document:
     text: str
 
 
-Record = Conversation | Document
+@dataclass(frozen=True)
+class TokenRecord:
+    key: str
+    uid: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+
+Record = Conversation | Document | TokenRecord
 
 
 # ---------------------------------------------------------------- reading sources
@@ -93,7 +106,7 @@ def iter_records(source: str) -> Iterator[Record]:
         yield from _iter_sharegpt()
         return
     path = Path(source).expanduser()
-    if path.suffix not in (".jsonl", ".txt"):
+    if not path.name.endswith((".jsonl", ".jsonl.gz", ".txt")):
         if not path.exists():
             known = ", ".join(f"'{name}' ({about})" for name, about in BUILTIN_SOURCES.items())
             raise OverfillError(f"unknown data source '{source}': built-in sources are {known}; "
@@ -101,7 +114,7 @@ def iter_records(source: str) -> Iterator[Record]:
         raise OverfillError(f"data file '{source}' must be .jsonl (chat, prompt/response or text records) or .txt")
     if not path.is_file():
         raise OverfillError(f"data file '{source}' not found")
-    yield from _iter_jsonl(path) if path.suffix == ".jsonl" else _iter_txt(path)
+    yield from _iter_txt(path) if path.suffix == ".txt" else _iter_jsonl(path)
 
 
 def sharegpt_path() -> Path:
@@ -164,10 +177,13 @@ def _iter_jsonl(path: Path) -> Iterator[Record]:
         yield from _iter_jsonl_lines(path)
     except UnicodeDecodeError as e:
         raise not_utf8(path, e) from None
+    except (gzip.BadGzipFile, EOFError) as e:  # not gzip at all, or cut off
+        raise OverfillError(f"{path} is not a complete gzip file ({e or 'cut off'})") from None
 
 
 def _iter_jsonl_lines(path: Path) -> Iterator[Record]:
-    with path.open(encoding="utf-8") as lines:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -202,11 +218,15 @@ def parse_record(obj: object, uid: str) -> Record | None:
         turns = _turns(obj, "conversations", "from", "value")
     elif "prompt" in obj and "response" in obj:
         turns = [("system", obj.get("system") or ""), ("user", obj["prompt"]), ("assistant", obj["response"])]
+    elif "prompt_ids" in obj and "response_ids" in obj:
+        prompt, response = _token_ids(obj["prompt_ids"], "prompt_ids"), _token_ids(obj["response_ids"], "response_ids")
+        return TokenRecord(str(obj.get("id", uid)), str(obj.get("uid", uid)), prompt, response) if prompt else None
     elif "text" in obj:
         text = _string(obj["text"], "text").strip()
         return Document(str(obj.get("id", text)), uid, text) if text else None
     else:
-        raise ValueError('expected one of the keys "messages", "conversations", "prompt" and "response", or "text"; '
+        raise ValueError('expected one of the keys "messages", "conversations", "prompt" and "response", '
+                         '"prompt_ids" and "response_ids", or "text"; '
                          f"got {sorted(obj)}")
     messages = normalise_messages(turns)
     if not messages:
@@ -236,6 +256,12 @@ def _turns(obj: dict, key: str, role: str, content: str) -> list[tuple[str, str]
     if not isinstance(turns, list) or not all(isinstance(t, dict) and role in t and content in t for t in turns):
         raise ValueError(f'"{key}" must be a list of objects with "{role}" and "{content}"')
     return [(t[role], t[content]) for t in turns]
+
+
+def _token_ids(value: object, name: str) -> list[int]:
+    if not isinstance(value, list) or not all(type(v) is int and v >= 0 for v in value):
+        raise ValueError(f'"{name}" must be a list of token ids (integers >= 0)')
+    return value
 
 
 def _string(value: object, name: str) -> str:
@@ -372,9 +398,21 @@ def _fit(prompt_ids: list[int], response_ids: list[int], uid: str, max_len: int,
 def record_examples(record: Record, tokenizer, max_len: int = 1024, max_prompt_len: int = 768) -> list[Example]:
     """The examples of one record; none for a chat without an assistant turn."""
     if isinstance(record, Document):
-        example = text_example(record.text, tokenizer, record.uid, max_len, max_prompt_len)
-        return [example] if example is not None else []
-    return _chat_examples(record.messages, tokenizer, record.uid, max_len, max_prompt_len)
+        examples = [text_example(record.text, tokenizer, record.uid, max_len, max_prompt_len)]
+    elif isinstance(record, TokenRecord):
+        _check_vocabulary(record, len(tokenizer))
+        examples = [_fit(record.prompt_ids, record.response_ids, record.uid, max_len, max_prompt_len)]
+    else:
+        examples = _chat_examples(record.messages, tokenizer, record.uid, max_len, max_prompt_len)
+    return [replace(e, key=record.key) for e in examples if e is not None]
+
+
+def _check_vocabulary(record: TokenRecord, vocab: int) -> None:
+    """Token records were written with some tokenizer: refuse ids this one does not have."""
+    top = max(record.prompt_ids + record.response_ids, default=0)
+    if top >= vocab:
+        raise OverfillError(f"record '{record.uid}' holds token id {top}, beyond this tokenizer's {vocab} tokens: "
+                            "it was written for another model")
 
 
 def load_examples(source: str, tokenizer, split: str = "train", max_len: int = 1024,
@@ -428,6 +466,10 @@ def calibration_texts(source: str, n: int, seed: int = 0, tokenizer=None,
 def _plain_text(record: Record, tokenizer) -> str:
     if isinstance(record, Document):
         return record.text
+    if isinstance(record, TokenRecord):
+        if tokenizer is None:
+            raise OverfillError("token-id records need the model's tokenizer to be read as calibration text")
+        return tokenizer.decode(record.prompt_ids + record.response_ids)
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return _render(tokenizer, record.messages, record.uid, add_generation_prompt=False)
     return "\n\n".join(m["content"] for m in record.messages)

@@ -62,8 +62,9 @@ class PruneConfig:
     depth_method: Literal["cosine", "first", "last", "firstlast"] = field(default="cosine", metadata={
         "help": "which layers stay: cosine = the least input-preserving blocks (Minitron/ShortGPT); "
                 "first/last = the first/last N; firstlast = layer 0 and the last N-1"})
-    multiple: int = field(default=64, metadata={
-        "help": "round hidden and MLP widths to a multiple of this (fast matrix products)"})
+    multiple: int = field(default=16, metadata={
+        "help": "round hidden and MLP widths to a multiple of this (16: a bf16 AMX tile's rows and the layer "
+                "stack's blocks; the hidden width is also a multiple of the attention heads)"})
     calibration: str = field(default="sharegpt", metadata={
         "help": "calibration data: a built-in dataset name or a local .txt/.jsonl file"})
     samples: int = field(default=128, metadata={"help": "number of calibration sequences"})

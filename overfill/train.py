@@ -8,8 +8,11 @@ baseline). Both see the same examples in the same order for the same seed and bu
 both take the loss on the response tokens only (`losses.py` computes it the way inference
 runs: the full model prefills, the decoder reads its prompt cache over the response tokens):
 
-    loss = sum of cross-entropy over the step's response tokens / their number
+    loss = ce_weight * (sum of cross-entropy over the step's response tokens / their number)
          + kd_weight * the same mean of KL(full || decoder)
+
+(`--ce-weight 0 --kd-weight 1` is pure logit distillation; the teacher's logits are computed
+only at the response tokens, where the loss is taken.)
 
 normalised by the response tokens of the whole optimizer step (all micro-batches, all
 processes), so gradient accumulation and data parallelism change nothing but float rounding.
@@ -73,8 +76,11 @@ class TrainConfig:
     mode: Literal["overfill", "pruned"] = field(default="overfill", metadata={
         "help": "overfill: the decoder learns to answer from the frozen full model's KV cache of the prompt; "
                 "pruned: the decoder alone on prompt + response (the baseline)"})
+    ce_weight: float = field(default=1.0, metadata={
+        "help": "weight of the cross-entropy on the response tokens (0: distillation alone)"})
     kd_weight: float = field(default=0.0, metadata={
-        "help": "weight of KL(full || decoder) on the response tokens, added to the cross-entropy"})
+        "help": "weight of KL(full || decoder) on the response tokens (logit distillation from the frozen full "
+                "model)"})
     steps: int | None = field(default=None, metadata={
         "help": f"optimizer steps (default {DEFAULT_STEPS}); or give --tokens"})
     tokens: int | None = field(default=None, metadata={
@@ -116,13 +122,16 @@ class TrainConfig:
         self.steps = step_budget(self.steps, self.tokens, DEFAULT_STEPS)
         positive = {"steps": self.steps or 1, "tokens": self.tokens or 1, "batch_size": self.batch_size,
                     "grad_accum": self.grad_accum, "keep": self.keep, "val_examples": self.val_examples}
-        at_least_zero = {"kd_weight": self.kd_weight, "warmup": self.warmup, "grad_clip": self.grad_clip,
+        at_least_zero = {"ce_weight": self.ce_weight, "kd_weight": self.kd_weight, "warmup": self.warmup,
+                         "grad_clip": self.grad_clip,
                          "weight_decay": self.weight_decay, "checkpoint_every": self.checkpoint_every,
                          "eval_every": self.eval_every, "length_window": self.length_window}
         bad = [f"{k} must be positive (got {v})" for k, v in positive.items() if v < 1]
         bad += [f"{k} must be >= 0 (got {v})" for k, v in at_least_zero.items() if not v >= 0]  # NaN too
         if any(n < 1 for n in self.snapshots or []):
             bad.append(f"snapshots must be positive token counts (got {self.snapshots})")
+        if not self.ce_weight + self.kd_weight > 0:
+            bad.append("the loss needs --ce-weight or --kd-weight above 0")
         if not self.lr > 0:
             bad.append(f"lr must be positive (got {self.lr})")
         if not 0 < self.prompt_budget < self.max_len:
@@ -336,7 +345,7 @@ class Trainer:
         self.describe()
         wall = time.perf_counter()
         if self.val_loader is not None and self.start_step == 0:
-            self.log({"step": 0, "val_loss": self.validate()})
+            self.log({"step": 0, **self.validate()})
         batches = iter(self.train_loader)
         bar = tqdm(total=self.steps, initial=self.start_step, desc=f"train ({cfg.mode})", unit="step",
                    disable=not self.is_main, dynamic_ncols=True)
@@ -353,7 +362,7 @@ class Trainer:
             record = self.train_step([next(batches) for _ in range(cfg.grad_accum)])
             record["step"] = step
             if cfg.eval_every and self.val_loader is not None and (step % cfg.eval_every == 0 or step == self.steps):
-                record["val_loss"] = self.validate()
+                record.update(self.validate())
             self.log(record)
             self.save_snapshots(record)
             bar.update()
@@ -378,7 +387,7 @@ class Trainer:
                 with self.autocast():
                     ce, kl = response_losses(self.full, self.decoder, batch, cfg.mode, self.layer_map,
                                              kd=cfg.kd_weight > 0)
-                acc.backward((ce.sum() + cfg.kd_weight * kl.sum()) * scale)
+                acc.backward((cfg.ce_weight * ce.sum() + cfg.kd_weight * kl.sum()) * scale)
             real = batch["prompt_valid"].sum() + batch["response_valid"].sum()
             slots = batch["prompt_valid"].numel() + batch["response_valid"].numel()
             totals += torch.stack([ce.sum().detach(), kl.sum().detach(), real.float(), real.new_tensor(slots).float()])
@@ -395,7 +404,7 @@ class Trainer:
         self.state["slots"] = self.state.get("slots", 0) + int(slots)
         self.state["response_tokens"] += int(n)
         self.state["train_seconds"] += seconds
-        record = {"loss": (ce_sum + cfg.kd_weight * kl_sum) / n, "ce": ce_sum / n}
+        record = {"loss": (cfg.ce_weight * ce_sum + cfg.kd_weight * kl_sum) / n, "ce": ce_sum / n}
         if cfg.kd_weight:
             record["kl"] = kl_sum / n
         return record | {"lr": lr, "grad_norm": float(grad_norm), "tokens": self.state["tokens"],
@@ -403,18 +412,20 @@ class Trainer:
                          "precision": self.precision.name}
 
     @torch.no_grad()
-    def validate(self) -> float:
-        """Mean cross-entropy over the validation examples' response tokens (all processes)."""
-        acc = self.accelerator
+    def validate(self) -> dict[str, float]:
+        """Mean cross-entropy over the validation examples' response tokens (all processes), and the mean
+        KL(full || decoder) there where the full model is loaded."""
+        acc, kd = self.accelerator, self.full is not None
         self.decoder.eval()
-        ce_sums, counts = [], []
+        sums, counts = [], []
         for batch in self.val_loader:
             with self.autocast():
-                ce, _ = response_losses(self.full, self.decoder, batch, self.cfg.mode, self.layer_map)
-            ce_sums.append(acc.gather_for_metrics(ce))  # [B * processes], padding examples dropped
+                ce, kl = response_losses(self.full, self.decoder, batch, self.cfg.mode, self.layer_map, kd=kd)
+            sums.append(acc.gather_for_metrics(torch.stack([ce, kl], 1)))  # [B * processes, 2], padding dropped
             counts.append(acc.gather_for_metrics(batch["response_valid"].sum(1)))
         self.decoder.train()
-        return (torch.cat(ce_sums).sum() / torch.cat(counts).sum()).item()
+        ce_mean, kl_mean = (torch.cat(sums).sum(0) / torch.cat(counts).sum()).tolist()
+        return {"val_loss": ce_mean, "val_kl": kl_mean} if kd else {"val_loss": ce_mean}
 
     def log(self, record: dict) -> None:
         if not self.is_main:
@@ -424,7 +435,8 @@ class Trainer:
         if "val_loss" in record:
             from tqdm import tqdm
 
-            tqdm.write(f"step {record['step']}: val_loss {record['val_loss']:.4f}")
+            kl = f", val_kl {record['val_kl']:.4f}" if "val_kl" in record else ""
+            tqdm.write(f"step {record['step']}: val_loss {record['val_loss']:.4f}{kl}")
 
     def describe(self) -> None:
         cfg, acc = self.cfg, self.accelerator

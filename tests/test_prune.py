@@ -67,8 +67,17 @@ def smollm2_like():
                           num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
 
 
+def test_plan_default_rounding_allows_widths_between_the_head_multiples():
+    # the default multiple is 16: hidden widths step by lcm(16, 9 heads) = 144, so 432 lies between 288 and 576
+    for ratio, hidden in ((0.15, 432), (0.25, 432), (0.35, 432), (0.45, 288), (0.5, 288)):
+        pruning = plan(smollm2_like(), PruneConfig(hidden=ratio, intermediate=ratio))
+        assert pruning.pruned.hidden_size == hidden and pruning.rounding["hidden"].multiple == 144, ratio
+        assert pruning.pruned.intermediate_size % 16 == 0
+    assert plan(smollm2_like(), PruneConfig(hidden=0.45, intermediate=0.45)).pruned.intermediate_size == 848
+
+
 def test_plan_rounds_to_the_multiple_and_a_multiple_of_the_heads():
-    pruning = plan(smollm2_like(), PruneConfig(hidden=0.45, intermediate=0.45))
+    pruning = plan(smollm2_like(), PruneConfig(hidden=0.45, intermediate=0.45, multiple=64))
     # 576 * 0.55 = 316.8; lcm(64, 9) = 576 leaves no smaller width, lcm(32, 9) = 288 does
     assert pruning.pruned.hidden_size == 288
     assert pruning.rounding["hidden"].multiple == 288 and "32" in pruning.rounding["hidden"].note
@@ -80,7 +89,7 @@ def test_plan_rounds_to_the_multiple_and_a_multiple_of_the_heads():
 
 
 def test_plan_absolute_widths_heads_and_depth():
-    pruning = plan(smollm2_like(), PruneConfig(hidden=432, intermediate=1024, heads=6, depth=0.2))
+    pruning = plan(smollm2_like(), PruneConfig(hidden=432, intermediate=1024, heads=6, depth=0.2, multiple=64))
     assert pruning.pruned.hidden_size == 384  # the nearest multiple of lcm(64, 6 kept heads) = 192
     assert pruning.rounding["hidden"].target == 432 and pruning.rounding["hidden"].multiple == 192
     assert pruning.pruned.intermediate_size == 1024
@@ -420,7 +429,7 @@ def test_cli_prunes_with_a_local_calibration_file(tmp_path, capsys):
 def test_prune_smollm2(tmp_path, smollm2_dir):
     cfg = PruneConfig(hidden=0.45, intermediate=0.45, samples=8, seq_len=64)
     record = prune(smollm2_dir, cfg, tmp_path / "out", texts=TEXTS)
-    assert (record.pruned["hidden_size"], record.pruned["intermediate_size"]) == (288, 832)
+    assert (record.pruned["hidden_size"], record.pruned["intermediate_size"]) == (288, 848)
     assert record.pruned["num_attention_heads"] == 9 and record.layer_map is None
     assert record.params_after < 0.5 * record.params_before
     cal = record.calibration
