@@ -5,16 +5,16 @@ by that full model is therefore a target a decoder of this size can fit (sequenc
 distillation, Kim and Rush 2016), unlike a dataset's responses written by a much larger model.
 
 `teach` takes the prompts of a data source's examples (train and validation splits, in the
-trainer's seeded order), has the full model answer them with the engine (batched, at the
-precision `--precision` picks, sampled with a per-example seed), and writes one JSON line per
-example:
+trainer's seeded order), has the full model answer them with the engine's continuous batcher (at
+the precision `--precision` picks, sampled with a per-example seed), and writes one JSON line per
+example, in prompt order:
 
     {"id": <the source record's split key>, "uid": <the example's uid>,
      "prompt_ids": [...], "response_ids": [...], "response": <its text>, "finish": "stop"|"length"}
 
 `data.py` reads such a file as token records, so both training modes train on exactly these
 tokens; the split key is the source record's, so every example stays in its split. The run is
-resumable: lines are appended as batches finish, and a rerun skips the uids already written.
+resumable: lines are appended as answers finish, and a rerun skips the uids already written.
 `<out>.meta.json` records the full model, the prompt set, the sampling settings and the seed.
 """
 from __future__ import annotations
@@ -84,31 +84,19 @@ def example_seed(seed: int, uid: str) -> int:
 
 def teach(cfg: TeachConfig) -> Path:
     """Write the teacher's responses (see the module docstring); return the output path."""
-    from tqdm import tqdm
-
     out = Path(cfg.out)
     partial = _partial_path(out)
     _check_writable(out, partial)
-    model, tokenizer = _load_teacher(cfg)
-    prompts = _prompts(cfg, tokenizer)
+    model = _load_teacher(cfg)
+    prompts = _prompts(cfg, model.tokenizer)
     done = _done_uids(partial)
     todo = [p for p in prompts if p[1] not in done]
     _write_meta(out, cfg, len(prompts))
-    print(f"teacher {cfg.full}: {len(prompts)} prompts ({len(done)} done), {cfg.batch_size} at a time", flush=True)
-    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="teacher", unit="prompt", dynamic_ncols=True)
-    generated, started = 0, time.perf_counter()
+    print(f"teacher {cfg.full}: {len(prompts)} prompts ({len(done)} done), up to {cfg.batch_size} at a time",
+          flush=True)
     with partial.open("a", encoding="utf-8") as f:
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start:start + cfg.batch_size]
-            lines = _answer(model, cfg, batch)
-            f.write("".join(json.dumps(line) + "\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())  # a killed run keeps every finished batch
-            generated += sum(len(line["response_ids"]) for line in lines)
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - started):.0f}")
-    bar.close()
-    _publish(partial, out)
+        _answer_all(model, cfg, todo, f, initial=len(prompts) - len(todo), total=len(prompts))
+    _publish(partial, out, [uid for _, uid, _ in prompts])
     _write_meta(out, cfg, len(prompts), finished=True)
     return out
 
@@ -136,8 +124,7 @@ def _load_teacher(cfg: TeachConfig):
     device = pick_device("auto")
     precision = resolve_precision(cfg.precision, device)
     print(f"precision {precision.name} ({precision.reason})", flush=True)
-    model = TwoStageModel.from_refs(cfg.full, None, dtype=precision.dtype, device=device)
-    return model, model.tokenizer
+    return TwoStageModel.from_refs(cfg.full, None, dtype=precision.dtype, device=device)
 
 
 def _prompts(cfg: TeachConfig, tokenizer) -> list[tuple[str, str, list[int]]]:
@@ -163,36 +150,68 @@ def _done_uids(partial: Path) -> set[str]:
     return {json.loads(line)["uid"] for line in complete if line.strip()}
 
 
-def _answer(model, cfg: TeachConfig, batch: list[tuple[str, str, list[int]]]) -> list[dict]:
-    """One batch of prompts answered by the full model: the JSON lines."""
-    from .generate import stream_batch
+def _answer_all(model, cfg: TeachConfig, todo: list[tuple[str, str, list[int]]], f, initial: int,
+                total: int) -> None:
+    """Answer the prompts with the engine's continuous batcher (a finished row takes the next prompt at
+    once, so no row idles until the batch's longest answer ends); each answer is appended to `f`."""
+    from collections import deque
 
-    budget = [min(cfg.max_new_tokens, cfg.max_len - len(ids)) for _, _, ids in batch]
-    params = [cfg.sampling(uid) for _, uid, _ in batch]
-    for p, n in zip(params, budget):
-        p.max_new_tokens = n
-    states = {}
-    for row, _, state in stream_batch(model, [ids for _, _, ids in batch], params, refresh_every=0):
-        states[row] = state
-    eos = model.tokenizer.eos_token_id
-    lines = []
-    for row, (key, uid, ids) in enumerate(batch):
-        done = states[row].completion()
-        response = done.token_ids + ([eos] if done.finish_reason == "stop" else [])  # it learns to stop
-        lines.append({"id": key, "uid": uid, "prompt_ids": list(ids), "response_ids": response,
-                      "response": done.text, "finish": done.finish_reason})
-    return lines
+    from tqdm import tqdm
+
+    from .engine.continuous import ContinuousBatcher, Job
+
+    batcher = ContinuousBatcher(model, max_batch=cfg.batch_size, refresh_every=0)
+    bar = tqdm(total=total, initial=initial, desc="teacher", unit="prompt", dynamic_ncols=True)
+    eos, started, generated = model.tokenizer.eos_token_id, time.perf_counter(), 0
+    failures: list[str] = []  # the batcher swallows a sink's exceptions (it cancels the job): collect them
+
+    def job(key: str, uid: str, ids: list[int]) -> Job:
+        tokens: list[int] = []
+
+        def sink(event) -> None:
+            nonlocal generated
+            if event.error is not None:
+                failures.append(f"the teacher failed on '{uid}': {event.error}")
+                return
+            if event.token is not None:
+                tokens.append(event.token)
+            if event.finish_reason is None:
+                return
+            response = tokens + ([eos] if event.finish_reason == "stop" else [])  # it learns to stop
+            line = {"id": key, "uid": uid, "prompt_ids": list(ids), "response_ids": response,
+                    "response": model.tokenizer.decode(tokens, skip_special_tokens=True),
+                    "finish": event.finish_reason}
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # a killed run keeps every finished answer
+            generated += len(tokens)
+            bar.update()
+            bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - started):.0f}")
+
+        params = cfg.sampling(uid)
+        params.max_new_tokens = min(cfg.max_new_tokens, cfg.max_len - len(ids))
+        return Job(list(ids), params, sink)
+
+    waiting = deque(job(*p) for p in todo)
+    while waiting or batcher.rows:
+        batcher.admit(waiting)
+        batcher.step()
+    bar.close()
+    if failures:
+        raise OverfillError(f"{failures[0]} ({len(failures)} prompt(s) failed; rerun to retry them)")
 
 
-def _publish(partial: Path, out: Path) -> None:
-    if out.suffix == ".gz":
-        tmp = out.with_name(out.name + ".tmp")
-        with partial.open("rb") as src, gzip.open(tmp, "wb", compresslevel=9) as dst:
-            dst.write(src.read())
-        os.replace(tmp, out)
-        partial.unlink()
-    else:
-        os.replace(partial, out)
+def _publish(partial: Path, out: Path, order: list[str]) -> None:
+    """The answers in prompt order (they were appended as they finished), written under the final name."""
+    rank = {uid: i for i, uid in enumerate(order)}
+    lines = partial.read_text(encoding="utf-8").splitlines(keepends=True)
+    text = "".join(sorted(lines, key=lambda line: rank[json.loads(line)["uid"]]))
+    tmp = out.with_name(out.name + ".tmp")
+    with (gzip.open(tmp, "wt", encoding="utf-8", compresslevel=9) if out.suffix == ".gz"
+          else tmp.open("w", encoding="utf-8")) as dst:
+        dst.write(text)
+    os.replace(tmp, out)
+    partial.unlink()
 
 
 def _write_meta(out: Path, cfg: TeachConfig, prompts: int, finished: bool = False) -> None:
