@@ -51,7 +51,7 @@ if has prune && [ ! -f "$RUN/pruned/model.safetensors" ]; then
 fi
 if has teach && [ ! -f "$TEACH" ]; then
   stamp teach
-  overfill teach --full $FULL --data sharegpt --out "$TEACH" --examples ${TEACH_EXAMPLES:-1400} --val-examples 200 \
+  overfill teach --full $FULL --data sharegpt --out "$TEACH" --examples ${TEACH_EXAMPLES:-1400} --val-examples ${TEACH_VAL:-200} \
     --max-len 512 --max-new-tokens 256 > "$RUN/logs/teach.log" 2>&1
   stamp "teach done"
 fi
