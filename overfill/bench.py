@@ -40,7 +40,7 @@ import torch
 
 from .errors import OverfillError
 from .files import check_output_file
-from .device import INFERENCE_PRECISION_HELP, cpu_caches, cpu_model, inference_precision, pick_device
+from .device import INFERENCE_PRECISION_HELP, cpu_caches, cpu_model, pick_device, resolve_precision
 from .engine import BatchDecoder, SamplingParams
 from .model import ModelArgs, Transformer, from_state_dict, load_model, read_config
 from .two_stage import TwoStageConfig, TwoStageModel
@@ -83,7 +83,7 @@ class BenchConfig:
         "help": "KV cache of transformers' generate() (static: also compiles on a GPU)"})
     repeats: int = field(default=3, metadata={"help": "timed runs of every system"})
     warmup: int = field(default=1, metadata={"help": "untimed runs first (compilation happens here)"})
-    precision: Literal["default", "auto", "fp32", "bf16"] = field(default="default", metadata={
+    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
         "help": INFERENCE_PRECISION_HELP})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, ... (auto: cuda if available)"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: its default)"})
@@ -480,7 +480,7 @@ def bench(cfg: BenchConfig) -> list[Path]:
     check_output_file(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    precision = inference_precision(cfg.precision, device)  # after the threads: a CPU probe depends on them
+    precision = resolve_precision(cfg.precision, device)  # after the threads: a CPU probe depends on them
     if "compiled" in engines:  # every model x batch x cache length is one more static-shape compile
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     suite = load_suite(cfg, systems, device, precision.dtype)

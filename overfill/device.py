@@ -144,24 +144,18 @@ def resolve_precision(precision: str, device: torch.device) -> PrecisionChoice:
     return PrecisionChoice(precision, f"asked for; {evidence}{note}")
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """Inference dtype where no precision was asked for: bf16 on GPU, fp32 on CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+INFERENCE_PRECISION_HELP = "weights and KV cache; " + AUTO_PRECISION_HELP
 
 
-INFERENCE_PRECISIONS = ("default",) + PRECISIONS
-INFERENCE_PRECISION_HELP = ("weights and KV cache: default (bf16 on CUDA, fp32 on a CPU: a decode step is memory-bound "
-                            "and bf16 halves its bytes, but prefill is compute-bound), or " + AUTO_PRECISION_HELP)
+def decode_path(device: torch.device, precision: PrecisionChoice) -> str:
+    """How the engine's decode steps will run for this device and precision, in words (printed once)."""
+    if device.type == "cpu" and precision.name == "bf16":
+        from .engine import one_row
 
-
-def inference_precision(precision: str, device: torch.device) -> PrecisionChoice:
-    """Generation's dtype (`generate`, `bench`, `serve`): `default` keeps the engine defaults, else the policy."""
-    if precision == "default":
-        return PrecisionChoice("bf16" if default_dtype(device) == torch.bfloat16 else "fp32",
-                               f"default for {device.type}")
-    if precision not in INFERENCE_PRECISIONS:
-        raise OverfillError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got '{precision}'")
-    return resolve_precision(precision, device)
+        if one_row.enabled():
+            return "decode steps through the CPU bf16 layer stack"
+        return f"decode steps layer by layer (the bf16 layer stack is off: {one_row.why_off()})"
+    return "decode steps layer by layer"
 
 
 def describe_machine(device: torch.device) -> dict:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .errors import OverfillError
 from .evaluate import in_mode, loglikelihoods, prefix_token_id, resolve_mode, tok_encode
-from .device import default_dtype, pick_device
+from .device import pick_device, resolve_precision
 from .engine import SamplingParams
 from .generate import stream_batch
 from .two_stage import TwoStageModel
@@ -44,13 +44,14 @@ class OverfillLM(TemplateLM):
 
     def __init__(self, full: str = "smollm2-135m-instruct", decoder: str | None = None, mode: str | None = None,
                  batch_size: int | str = 16, max_length: int | None = None, max_gen_toks: int = 256,
-                 device: str | None = None, **unused):
+                 device: str | None = None, precision: str = "auto", **unused):
         super().__init__()
         if unused:
             log.warning("overfill model: ignoring arguments %s", ", ".join(sorted(unused)))
         torch_device = _device(device)
         self.pair = TwoStageModel.from_refs(str(full), None if decoder is None else str(decoder),
-                                            dtype=default_dtype(torch_device), device=torch_device)
+                                            dtype=resolve_precision(precision, torch_device).dtype,
+                                            device=torch_device)
         self.mode = resolve_mode(mode, self.pair.is_two_stage)
         self.tokenizer = self.pair.tokenizer
         # "auto" (the harness's adaptive batch size) becomes the default: batches are already bounded in tokens

@@ -56,8 +56,8 @@ def test_llama32_shapes_and_the_pruned_decoder():
     full, reference = ModelArgs.from_hf(LLAMA32_3B), ModelArgs.from_hf(LLAMA32_1B)
     decoder = ModelArgs.from_hf(pruned_config(LLAMA32_3B, 0.45, 0.45))
     assert round(full.num_params() / 1e9, 2) == 3.21 and round(reference.num_params() / 1e9, 2) == 1.24
-    assert (decoder.hidden_size, decoder.intermediate_size) == (1728, 4480)
-    assert decoder.hidden_size % 64 == 0 and decoder.hidden_size % decoder.num_attention_heads == 0
+    assert (decoder.hidden_size, decoder.intermediate_size) == (1680, 4512)  # multiples of 16 (and of 24 heads)
+    assert decoder.hidden_size % 16 == 0 and decoder.hidden_size % decoder.num_attention_heads == 0
     assert check_compatible(full, decoder) == []
     assert 0.38 < decoder.num_params() / full.num_params() < 0.42
 
@@ -129,14 +129,14 @@ def test_bench_writes_consistent_results(tmp_path):
 def test_bench_in_bf16_records_the_precision_and_halves_the_bytes(tmp_path):
     tiny_hf_model("llama").save_pretrained(tmp_path / "full")
     runs = {}
-    for precision in ("default", "bf16"):
+    for precision in ("fp32", "bf16"):
         out = tmp_path / f"{precision}.json"
         bench(BenchConfig(full=str(tmp_path / "full"), prompt_len=[6], output_len=[3], systems=["full", "hf"],
                           refresh_every=[], repeats=1, warmup=0, precision=precision, out=str(out), plots=False))
         runs[precision] = json.loads(out.read_text())
-    assert runs["default"]["precision"] == "fp32" and runs["bf16"]["precision"] == "bf16"
+    assert runs["fp32"]["precision"] == "fp32" and runs["bf16"]["precision"] == "bf16"
     assert "asked for" in runs["bf16"]["precision_reason"]
-    fp32, bf16 = runs["default"]["models"]["full"], runs["bf16"]["models"]["full"]
+    fp32, bf16 = runs["fp32"]["models"]["full"], runs["bf16"]["models"]["full"]
     assert bf16["dtype"] == "torch.bfloat16"
     assert 2 * bf16["weight_bytes_per_step"] == fp32["weight_bytes_per_step"]
     assert 2 * bf16["kv_bytes_per_token"] == fp32["kv_bytes_per_token"]

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from overfill.device import resolve_precision
 from overfill.errors import OverfillError
 from overfill.engine import BatchDecoder
 from overfill.generate import SamplingParams, TextState, encode, generate, stream, stream_batch
@@ -184,10 +185,15 @@ def test_generate_command_decodes_in_the_precision_asked_for(tmp_path, capsys, m
     real = two_stage.TwoStageModel.from_refs
     monkeypatch.setattr(two_stage.TwoStageModel, "from_refs",
                         classmethod(lambda cls, *a, **k: loaded.append(k["dtype"]) or real(*a, **k)))
-    for precision in ("default", "fp32", "bf16"):
+    for precision in ("auto", "fp32", "bf16"):
         main(["generate", "--full", str(full), "--max-new-tokens", "3", "--raw", "--precision", precision, "w1 w2"])
-    assert loaded == [torch.float32, torch.float32, torch.bfloat16]
-    assert len(capsys.readouterr().out.splitlines()) == 3
+    auto = resolve_precision("auto", torch.device("cpu")).dtype  # bf16 where a timed product says it is faster
+    assert loaded == [auto, torch.float32, torch.bfloat16]
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 3
+    said = captured.err.splitlines()
+    assert [line.split()[1] for line in said if line.startswith("precision ")] == [
+        "bf16" if auto == torch.bfloat16 else "fp32", "fp32", "bf16"]
     with pytest.raises(SystemExit) as e:
         main(["generate", "--full", str(full), "--precision", "fp16", "w1"])
     assert e.value.code == 2 and "fp16" in capsys.readouterr().err
@@ -217,3 +223,26 @@ def test_streamed_text_is_decoded_incrementally_and_holds_back_partial_character
     assert not any("\ufffd" in p for p in pieces)
     assert pieces.count("") > 0  # multi-token characters wait for their last byte
     assert max(counting.decoded) <= 8  # a short window per token, not the whole text
+
+
+def test_plain_generate_runs_the_layer_stack_where_bf16_wins_and_says_so(tmp_path, capsys, monkeypatch):
+    """No flag: `auto` picks bf16 where a timed product wins, and bf16 CPU decoding goes through the stack."""
+    from overfill import model as model_module
+    from overfill.cli import main
+    from overfill.engine import one_row
+    from conftest import save_tiny
+
+    if resolve_precision("auto", torch.device("cpu")).name != "bf16" or not one_row.enabled():
+        pytest.skip("this CPU does not win in bf16 or cannot build the layer stack")
+    full = save_tiny(tmp_path / "full", seed=0)
+    # the engine's routing is process-wide today (issue #28): leave it as found
+    monkeypatch.setattr(model_module, "_ONE_ROW_KERNEL", model_module._ONE_ROW_KERNEL)
+    monkeypatch.setattr(model_module, "_DECODE_LAYERS", model_module._DECODE_LAYERS)
+    stacked = []
+    real = one_row.LAYER_STACK.__call__
+    monkeypatch.setattr(type(one_row.LAYER_STACK), "__call__",
+                        lambda self, *a, **k: stacked.append(1) or real(*a, **k))
+    main(["generate", "--full", str(full), "--max-new-tokens", "4", "--raw", "w1 w2"])
+    err = capsys.readouterr().err
+    assert "precision bf16 (auto:" in err and "CPU bf16 layer stack" in err
+    assert stacked, "no decode step went through the layer stack"

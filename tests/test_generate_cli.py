@@ -37,7 +37,8 @@ def cli(dirs, capsys):
     """Run `overfill generate PROMPT --full F --decoder D *flags`; its standard output."""
     def run(*flags, prompt=PROMPT):
         capsys.readouterr()
-        assert main(["generate", prompt, "--full", dirs[0], "--decoder", dirs[1], "--device", "cpu", *flags]) == 0
+        assert main(["generate", prompt, "--full", dirs[0], "--decoder", dirs[1], "--device", "cpu",
+                     "--precision", "fp32", *flags]) == 0
         return capsys.readouterr().out
 
     return run

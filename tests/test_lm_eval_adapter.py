@@ -138,7 +138,8 @@ def test_registered_as_overfill():
 
 def test_overfill_with_the_full_model_as_decoder_equals_the_harness_hf_model(model_dir, task_manager,
                                                                             harness_results):
-    ours = run(OverfillLM(full=model_dir, decoder=model_dir, mode="overfill", batch_size=3, max_length=MAX_LENGTH),
+    ours = run(OverfillLM(full=model_dir, decoder=model_dir, mode="overfill", batch_size=3, max_length=MAX_LENGTH,
+                          precision="fp32"),
                task_manager)
     assert_same_scores(ours, harness_results)
 

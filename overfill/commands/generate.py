@@ -5,7 +5,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..device import INFERENCE_PRECISION_HELP, inference_precision, pick_device
+from ..device import INFERENCE_PRECISION_HELP, decode_path, pick_device, resolve_precision
 from ..engine import SamplingParams
 from ..errors import OverfillError
 from ..generate import generate, stream
@@ -30,7 +30,7 @@ class GenerateArgs:
     refresh_every: int | None = field(default=None, metadata={
         "help": "let the full model re-process every K decoded tokens (default: the decoder's setting)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, ... (auto: cuda if available)"})
-    precision: Literal["default", "auto", "fp32", "bf16"] = field(default="default", metadata={
+    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
         "help": INFERENCE_PRECISION_HELP})
 
 
@@ -40,8 +40,9 @@ def generate_command(args: GenerateArgs) -> None:
                             list(args.stop)).validate()
     if args.refresh_every is not None and args.refresh_every < 0:
         raise OverfillError("--refresh-every must be >= 0")
-    dtype = inference_precision(args.precision, device).dtype
-    model = TwoStageModel.from_refs(args.full, args.decoder, dtype=dtype, device=device)
+    precision = resolve_precision(args.precision, device)
+    print(f"precision {precision.name} ({precision.reason}); {decode_path(device, precision)}", file=sys.stderr)
+    model = TwoStageModel.from_refs(args.full, args.decoder, dtype=precision.dtype, device=device)
     prompt: str | list[dict] = args.prompt
     if not args.raw and args.system is not None:
         prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": args.prompt}]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..device import INFERENCE_PRECISION_HELP, inference_precision, pick_device
+from ..device import INFERENCE_PRECISION_HELP, decode_path, pick_device, resolve_precision
 from ..errors import OverfillError
 from ..two_stage import TwoStageModel
 from ..serve import DEFAULT_MAX_BODY_BYTES, GRACEFUL_SHUTDOWN_S, create_app, listen_socket, uvicorn_server
@@ -33,7 +33,7 @@ class ServeArgs:
     refresh_every: int | None = field(default=None, metadata={
         "help": "let the full model re-process every K decoded tokens (default: the decoder's setting)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, ... (auto: cuda if available)"})
-    precision: Literal["default", "auto", "fp32", "bf16"] = field(default="default", metadata={
+    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
         "help": INFERENCE_PRECISION_HELP})
     compile: bool = field(default=True, metadata={
         "help": "run the decode step compiled: the batch runs on its rows rounded up to a power of two, and each "
@@ -57,14 +57,14 @@ def serve_command(args: ServeArgs) -> None:
     api_key = args.api_key or os.environ.get("OVERFILL_API_KEY") or None
     sock = listen_socket(args.host, args.port)  # fail before the slow model load
     device = pick_device(args.device)
-    precision = inference_precision(args.precision, device)
+    precision = resolve_precision(args.precision, device)
     model = TwoStageModel.from_refs(args.full, args.decoder, dtype=precision.dtype, device=device)
     name = args.model_name or default_model_name(args.full, args.decoder)
     app = create_app(model, name, api_key, args.max_batch, args.refresh_every, args.max_body_bytes,
                      compile=args.compile)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = sock.getsockname()[:2]
-    log.info("precision %s (%s)", precision.name, precision.reason)
+    log.info("precision %s (%s); %s", precision.name, precision.reason, decode_path(device, precision))
     if args.compile and args.warmup:
         start = time.perf_counter()
         buckets = app.state.server.scheduler.batcher.warm_up()

@@ -81,6 +81,18 @@ def enabled() -> bool:
     return _held_off == 0 and requested() and load()
 
 
+def why_off() -> str:
+    """Why `enabled()` is False, in words."""
+    ok, why = supported()
+    if not ok:
+        return why
+    if not requested():
+        return "OVERFILL_ONE_ROW_KERNEL turns it off"
+    if _held_off:
+        return "held off for an A/B"
+    return "" if load() else "its build failed (see the warning above)"
+
+
 @contextlib.contextmanager
 def off():
     """Decode steps layer by layer on `F.linear` within, for an A/B in one process (a compiled step
