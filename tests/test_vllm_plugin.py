@@ -26,7 +26,8 @@ import torch
 
 from overfill.errors import OverfillError
 from overfill.export import check_tensor_parallel, export_vllm, vllm_config
-from overfill.vllm_plugin import _Route, prompt_token_mask, split_rows, warm_up_split
+from overfill.vllm_plugin import (TESTED_VLLM, _Route, check_routed, prompt_token_mask, routing_problem,
+                                  split_rows, warm_up_split)
 
 # ---------------------------------------------------------------------------- routing, no vLLM needed
 
@@ -151,6 +152,55 @@ def test_export_refuses_a_plain_model_dir_and_a_non_empty_out(tmp_path):
     tiny_hf_model().save_pretrained(tmp_path / "plain")
     with pytest.raises(OverfillError, match="not an OverFill directory"):
         export_vllm(str(tmp_path / "plain"), str(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------------------- refusing where routing fails
+
+def _vllm_config(v2: bool = False, graphs: str = "NONE", capture_sizes=()):
+    """What routing_problem reads of a VllmConfig."""
+    from types import SimpleNamespace
+
+    mode = SimpleNamespace(name=graphs)
+    return SimpleNamespace(use_v2_model_runner=v2, compilation_config=SimpleNamespace(
+        cudagraph_mode=mode, cudagraph_capture_sizes=list(capture_sizes)))
+
+
+TESTED = ".".join(map(str, TESTED_VLLM)) + ".0"
+
+
+def test_the_cpu_backend_as_tested_routes():
+    assert routing_problem(_vllm_config(), TESTED, None) is None
+    # vLLM's CPU platform keeps a CUDA graph mode but captures nothing
+    assert routing_problem(_vllm_config(graphs="FULL_AND_PIECEWISE"), TESTED + "+cpu", None) is None
+
+
+@pytest.mark.parametrize("config,version,hook,words", [
+    (_vllm_config(v2=True), TESTED, None, "V2 model runner"),
+    (_vllm_config(graphs="FULL_AND_PIECEWISE", capture_sizes=[1, 2, 4]), TESTED, None, "enforce-eager"),
+    (_vllm_config(graphs="PIECEWISE", capture_sizes=[8]), TESTED, None, "CUDA graphs"),
+    (_vllm_config(), "0.33.1", None, "tested with"),
+    (_vllm_config(), "0.31.2", None, "tested with"),
+    (_vllm_config(), "1.0.0.dev3", None, "tested with"),
+    (_vllm_config(), TESTED, "vLLM's V1 model runner has no _model_forward", "no _model_forward"),
+])
+def test_loading_the_pair_is_refused_where_tokens_cannot_be_routed(config, version, hook, words):
+    problem = routing_problem(config, version, hook)
+    assert problem is not None and words in problem and "\n" not in problem
+
+
+def test_a_scheduled_batch_without_routing_fails_rather_than_run_on_the_full_model():
+    check_routed(True, in_dummy_run=False)
+    check_routed(False, in_dummy_run=True)  # vLLM's warm-up and profiling passes
+    with pytest.raises(RuntimeError, match="without the per-token routing"):
+        check_routed(False, in_dummy_run=False)
+
+
+def test_the_vllm_extra_pins_the_tested_series():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    major, minor = TESTED_VLLM
+    assert pyproject["project"]["optional-dependencies"]["vllm"] == [f"vllm>={major}.{minor},<{major}.{minor + 1}"]
 
 
 # ---------------------------------------------------------------------------- engine tests (vLLM)
