@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .errors import OverfillError
-from .files import check_output_file
+from .files import check_not_an_input, check_output_file, write_errors_as_one_line
 from .device import INFERENCE_PRECISION_HELP, cpu_caches, cpu_model, pick_device, resolve_precision
 from .engine import BatchDecoder, SamplingParams
 from .model import ModelArgs, Transformer, from_state_dict, load_model, read_config
@@ -471,13 +471,15 @@ def _time_round_robin(lineup: list[Contender], prompts: list[list[int]], output_
 def bench(cfg: BenchConfig) -> list[Path]:
     """Run the benchmark `cfg` describes; write its JSON results (`cfg.out`), their markdown table
     (.md beside it) and plots; return the paths written."""
+    from .hub import local_path
     from .report import bench_markdown, plot_bench
 
     device = pick_device(cfg.device)
     engines = list(cfg.engine) or ["compiled" if device.type == "cuda" else "eager"]
     systems = list(cfg.systems) or [s for s in SYSTEMS if s != "reference" or cfg.shapes != "checkpoint"]
     _check(cfg, systems, engines)
-    check_output_file(cfg.out)
+    out = check_output_file(cfg.out)
+    check_not_an_input(out, {"--full": local_path(cfg.full), "--decoder": local_path(cfg.decoder)})
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     precision = resolve_precision(cfg.precision, device)  # after the threads: a CPU probe depends on them
@@ -485,8 +487,8 @@ def bench(cfg: BenchConfig) -> list[Path]:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     suite = load_suite(cfg, systems, device, precision.dtype)
     result = run_bench(suite, cfg, device, systems, engines) | precision.as_dict()
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(bench_markdown(result))
-    return [out, out.with_suffix(".md")] + (plot_bench(result, out.with_suffix("")) if cfg.plots else [])
+    with write_errors_as_one_line(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        out.with_suffix(".md").write_text(bench_markdown(result))
+        return [out, out.with_suffix(".md")] + (plot_bench(result, out.with_suffix("")) if cfg.plots else [])

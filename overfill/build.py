@@ -67,6 +67,7 @@ class BuildConfig:
         from .train import step_budget
 
         self.steps = step_budget(self.steps, self.tokens, DEFAULT_STEPS)  # checked before any stage runs
+        train_config(self, "overfill", Path(self.out))  # the training settings too, not after the pruning
 
 
 class Run:
@@ -112,14 +113,20 @@ def _prune(run: Run) -> None:
               lambda: prune(c.full, cfg, run.path("pruned"), overwrite=True))
 
 
-def _train(run: Run, mode: str, out: str) -> None:
-    from .train import TrainConfig, train
+def train_config(c: BuildConfig, mode: str, run_dir: Path, out: str = "overfill"):
+    """The TrainConfig of one of the build's trained decoders (its settings checked on creation)."""
+    from .train import TrainConfig
 
-    c = run.cfg
-    cfg = TrainConfig(full=c.full, decoder=str(run.path("pruned")), data=c.data, out=str(run.path(out)), mode=mode,
-                      kd_weight=c.kd_weight, steps=c.steps, tokens=c.tokens, batch_size=c.batch_size, lr=c.lr,
-                      warmup=c.warmup, max_len=c.max_len, seed=c.seed, resume=True,
-                      checkpoint_every=max(1, (c.steps or 100) // 4), eval_every=0, val_examples=16)
+    return TrainConfig(full=c.full, decoder=str(run_dir / "pruned"), data=c.data, out=str(run_dir / out), mode=mode,
+                       kd_weight=c.kd_weight, steps=c.steps, tokens=c.tokens, batch_size=c.batch_size, lr=c.lr,
+                       warmup=c.warmup, max_len=c.max_len, seed=c.seed, resume=True,
+                       checkpoint_every=max(1, (c.steps or 100) // 4), eval_every=0, val_examples=16)
+
+
+def _train(run: Run, mode: str, out: str) -> None:
+    from .train import train
+
+    cfg = train_config(run.cfg, mode, run.dir, out)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "checkpoint_every")}
     run.stage(f"train_{out}", settings, lambda: train(cfg))
 

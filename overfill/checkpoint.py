@@ -11,15 +11,16 @@
 """
 from __future__ import annotations
 
-import errno
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OverfillError
-from .files import check_not_an_input, check_output_dir, publish_dir, write_text_atomic
+from .files import check_not_an_input, check_output_dir, json_loads, publish_dir, write_text_atomic
 
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -27,8 +28,6 @@ SUMMARY_FILE = "summary.json"
 STATE_FILE = "trainer_state.json"
 CHECKPOINTS = "checkpoints"
 SNAPSHOTS = "snapshots"
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG}
-"""What a full disk, a quota or a read-only mount raise while a run writes its files."""
 
 
 def check_resumable(cfg, out: Path) -> None:
@@ -103,7 +102,7 @@ def truncate_metrics(path: Path, step: int) -> int:
     kept, damaged = [], 0
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            record = json.loads(line)
+            record = json_loads(line)
             logged = int(record["step"])
         except (ValueError, TypeError, KeyError):
             damaged += 1
@@ -125,7 +124,8 @@ def save_checkpoint(accelerator, out: Path, step: int, files: dict[str, str], ke
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with _quiet_about_tied_weights():
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if main:
         for name, text in files.items():
@@ -134,6 +134,25 @@ def save_checkpoint(accelerator, out: Path, step: int, files: dict[str, str], ke
         for old in checkpoint_dirs(out)[:-keep]:
             remove_dir(old)
     accelerator.wait_for_everyone()
+
+
+class _TiedWeightsNote(logging.Filter):
+    """accelerate's "Removed shared tensor {'lm_head.weight'} while saving" for a decoder whose output
+    layer is its embedding: expected (loading ties them again), so not for the run's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()  # after a "[RANK 0] " prefix
+
+
+@contextmanager
+def _quiet_about_tied_weights():
+    saver = logging.getLogger("accelerate.utils.other")  # accelerate's safetensors saving
+    note = _TiedWeightsNote()
+    saver.addFilter(note)
+    try:
+        yield
+    finally:
+        saver.removeFilter(note)
 
 
 def restore_newest(accelerator, out: Path, restore: Callable[[Path], None]) -> None:

@@ -27,15 +27,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import inspect
+import os
 import re
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Callable, Literal, Optional, get_args, get_origin, get_type_hints
 
-from .errors import OverfillError
+from .errors import ECHO_LIMIT, OverfillError, capped
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("overfill.commands.generate:generate_command", "two-stage generation from a prompt or chat message"),
@@ -49,6 +52,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("overfill.commands.export:export_command", "an OverFill pair as a directory that vLLM serves"),
     "build": ("overfill.commands.build:build_command", "the whole pipeline: prune, train, eval, bench, report"),
 }
+MESSAGE_LIMIT = 1500
+"""The longest error line printed: messages cap what they repeat of the input, and this cuts any
+message that still grew with it (a long list of problems) to a line a terminal shows."""
 LOADER = "overfill"
 """jsonargparse's YAML value loader, with `none` read as null (as the flags always took it)."""
 
@@ -126,7 +132,23 @@ def _value_loader() -> None:
     from yaml import YAMLError
 
     yaml_load = get_loader("yaml")
-    set_loader(LOADER, lambda text: None if text.strip().lower() == "none" else yaml_load(text), (YAMLError,))
+
+    def load(text: str) -> Any:
+        if text.strip().lower() == "none":
+            return None
+        _refuse_aliases(text)
+        return yaml_load(text)
+
+    set_loader(LOADER, load, (YAMLError,))
+
+
+def _refuse_aliases(text: str) -> None:
+    """No YAML alias (`*name`) in a setting: settings need none, and nested ones expand to a value of
+    billions of items (the "billion laughs"), which an error message would then repeat."""
+    import yaml
+
+    if "*" in text and any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text)):
+        raise yaml.YAMLError("YAML aliases (*name) are not allowed in settings")
 
 
 def command_parser(cls: type, prog: str = "overfill", description: str | None = None):
@@ -145,7 +167,23 @@ def command_parser(cls: type, prog: str = "overfill", description: str | None = 
             parser.add_argument(f.name, metavar=f.metadata.get("metavar", f.name.upper()), **kwargs)
         else:
             parser.add_argument(flag(f.name), dest=f.name, **kwargs)
+    _usage_with_separator(parser, cls)
     return parser
+
+
+def _usage_with_separator(parser, cls: type) -> None:
+    """The usage line ends `[--] PROMPT` where a list flag could take the positionals after it: the
+    form that always works (`_parse` gives back what a list flag took, where it can tell)."""
+    hints = get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    positionals = [f.metadata.get("metavar", f.name.upper()) for f in fields if f.metadata.get("positional")
+                   and _default(f) is dataclasses.MISSING]
+    has_lists = any(get_origin(_unwrap_optional(hints[f.name])[0]) in (list, tuple) for f in fields
+                    if not f.metadata.get("positional"))
+    if positionals and has_lists:
+        usage = parser.format_usage().removeprefix("usage: ").rstrip()
+        head, _, tail = usage.rpartition(positionals[0])  # a usage line gives the positionals last
+        parser.usage = f"{head}[--] {positionals[0]}{tail}".replace("%", "%%")
 
 
 def _config_first(argv: list[str]) -> list[str]:
@@ -182,13 +220,16 @@ def error_message(text: str, cls: type) -> str:
     if key and key.group(1) in hints:
         got = re.search(r"(?:Given|Got) value: (.*)$", text, re.M)
         return f"{name(key.group(1))}: expected {describe(hints[key.group(1)])}" + (
-            f", got {got.group(1)!r}" if got else "")
+            f", got {capped(repr(got.group(1)))}" if got else "")
     if key:  # --config: a missing or malformed file
-        return f"{name(key.group(1))}: {' '.join(text[key.end():].split())}"
+        return f"{name(key.group(1))}: {capped(' '.join(text[key.end():].split()), 4 * ECHO_LIMIT)}"
+    config = re.match(r"Problems parsing config\s*:?\s*", text)
+    if config:
+        return f"--config: {capped(' '.join(text[config.end():].split()), 4 * ECHO_LIMIT)}"
     required = re.match(r"the following arguments are required: (.*)", text)
     if required:
         return "missing " + ", ".join(name(k.strip()) for k in required.group(1).split(","))
-    return " ".join(text.split())
+    return capped(" ".join(text.split()), 4 * ECHO_LIMIT)
 
 
 def parse_args(cls: type, argv: list[str], prog: str = "overfill", description: str | None = None) -> Any:
@@ -196,14 +237,69 @@ def parse_args(cls: type, argv: list[str], prog: str = "overfill", description: 
     from jsonargparse import ArgumentError
 
     parser = command_parser(cls, prog, description)
+    argv = _config_first(list(argv))
     try:
-        ns = parser.parse_args(_config_first(list(argv)))
+        _check_config_files(argv)
+        ns = _parse(parser, cls, argv)
         values = {f.name: _null_list(f.name, ns[f.name], get_type_hints(cls)[f.name]) for f in dataclasses.fields(cls)}
     except ArgumentError as e:
         parser.print_usage(sys.stderr)
         print(f"{prog}: error: {error_message(str(e), cls)}", file=sys.stderr)
         raise SystemExit(2) from None
     return cls(**values)
+
+
+def _check_config_files(argv: list[str]) -> None:
+    """Refuse a --config file that is not UTF-8 text (the parser would end in a traceback)."""
+    from jsonargparse import ArgumentError
+
+    from .files import not_utf8
+
+    for i, arg in enumerate(argv):
+        name = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.removeprefix("--config=")
+        if arg.startswith("--config") and os.path.isfile(name):
+            try:
+                Path(name).read_bytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ArgumentError(None, f"--config: {not_utf8(name, e, read='file')}") from None
+
+
+def _parse(parser, cls: type, argv: list[str]):
+    """`parser.parse_args`, giving back a required positional that a list flag before it took
+    (`--stop a b PROMPT`: argparse gives `--stop` all three, then misses PROMPT)."""
+    from jsonargparse import ArgumentError
+
+    try:
+        return parser.parse_args(argv)
+    except ArgumentError as e:
+        missing = re.match(r"the following arguments are required: (.*)", str(e))
+        given_back = _give_back(argv, cls, len(missing.group(1).split(","))) if missing else None
+        if given_back is None:
+            raise
+        return parser.parse_args(given_back)
+
+
+def _give_back(argv: list[str], cls: type, missing: int) -> list[str] | None:
+    """`argv` with the last `missing` values of a list flag moved to the end, after `--`, where exactly
+    one list flag took more values than that; else None (which values were meant is then unclear)."""
+    hints = get_type_hints(cls)
+    lists = {flag(f.name) for f in dataclasses.fields(cls) if not f.metadata.get("positional")
+             and get_origin(_unwrap_optional(hints[f.name])[0]) in (list, tuple)}
+    if "--" in argv:
+        return None
+    runs, i = [], 0  # (first, end) of each list flag's values
+    while i < len(argv):
+        end = i + 1
+        if argv[i] in lists:
+            while end < len(argv) and not argv[end].startswith("--"):
+                end += 1
+            runs.append((i + 1, end))
+        i = end
+    long_enough = [(first, end) for first, end in runs if end - first > missing]
+    if len(long_enough) != 1:
+        return None
+    cut = long_enough[0][1]
+    return argv[:cut - missing] + argv[cut:] + ["--"] + argv[cut - missing:cut]
 
 
 def _null_list(name: str, value: Any, hint: Any) -> Any:
@@ -235,7 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = fn(parse_args(_args_class(fn), rest, prog=f"overfill {name}", description=COMMANDS[name][1]))
     except OverfillError as e:
-        print(f"overfill {name}: error: {e}", file=sys.stderr)
+        print(f"overfill {name}: error: {capped(str(e), MESSAGE_LIMIT)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        print(f"overfill {name}: error: a path given is too long for the file system: "
+              f"{capped(str(e.filename))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"overfill {name}: interrupted", file=sys.stderr)

@@ -50,6 +50,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import OverfillError
+from .files import json_loads, not_utf8
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +168,6 @@ def _iter_sharegpt() -> Iterator[Conversation]:
         log.info("sharegpt: skipped %d conversations with unknown roles or broken entries", skipped)
 
 
-def not_utf8(path: Path, e: UnicodeDecodeError) -> OverfillError:
-    return OverfillError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start} of its "
-                         f"block): convert it, e.g. `iconv -f latin1 -t utf-8`")
-
-
 def _iter_jsonl(path: Path) -> Iterator[Record]:
     try:
         yield from _iter_jsonl_lines(path)
@@ -189,7 +185,7 @@ def _iter_jsonl_lines(path: Path) -> Iterator[Record]:
                 continue
             where = f"{path}, line {number}"
             try:
-                record = parse_record(json.loads(line), uid=f"{path.name}:{number}")
+                record = parse_record(json_loads(line), uid=f"{path.name}:{number}")
             except json.JSONDecodeError as e:
                 raise OverfillError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             except ValueError as e:

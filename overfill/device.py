@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from .errors import OverfillError
+from .errors import OverfillError, capped
 
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -35,7 +35,7 @@ def pick_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise OverfillError(f"bad device '{name}': {e}") from None
+        raise OverfillError(f"bad device '{capped(name)}': {capped(str(e))}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OverfillError(f"device '{name}' asked for, but torch finds no CUDA GPU here (use --device cpu)")
     return device

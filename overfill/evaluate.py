@@ -18,7 +18,6 @@ through the scoring model. This is what makes a benchmark run cheap.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import platform
@@ -37,7 +36,7 @@ from .errors import OverfillError
 from .device import AUTO_PRECISION_HELP, pick_device, resolve_precision
 from .engine import SamplingParams, left_pad, prefill
 from .generate import stream_batch
-from .model import causal_mask, positions_from_padding
+from .model import causal_mask, positions_from_padding, weights_fingerprint
 from .report import RESULTS_FORMAT
 from .tasks import DEFAULT_SUITE, Task, load_task
 from .two_stage import TwoStageConfig, TwoStageModel
@@ -485,16 +484,6 @@ def _model_record(model: TwoStageModel, mode: Mode, cfg: EvalConfig) -> dict:
     record["decode_params"] = decoding.args.num_params()
     record["decode_bytes_bf16"] = 2 * decoding.args.num_params()
     return record
-
-
-def weights_fingerprint(path: Path) -> str:
-    """SHA-256 of a model directory's safetensors files (which exact weights were evaluated)."""
-    digest = hashlib.sha256()
-    for file in sorted(Path(path).glob("*.safetensors")):
-        with file.open("rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _host() -> dict:

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from .errors import OverfillError
-from .files import check_not_an_input, check_output_dir
+from .files import check_not_an_input, check_output_dir, staged_dir, write_errors_as_one_line
 
 DECODER_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "tie_word_embeddings")
 """What the decoder's config may change from the full model's; the rest must be equal (the shared cache)."""
@@ -73,11 +73,11 @@ def check_tensor_parallel(config: dict, tp: int) -> None:
 
 
 def export_vllm(decoder_dir: str, out: str, full: str | None = None, tp: int = 1, no_refresh: bool = False) -> Path:
-    from safetensors.torch import save_file
-
+    """The pair as one directory vLLM serves: checked, then written beside `out` and renamed into place,
+    so a failed write (a full disk) leaves nothing behind."""
     from .hub import resolve
-    from .model import load_state_dict, read_config
-    from .two_stage import CONFIG_NAME, layer_map_of, read_config_file
+    from .model import read_config
+    from .two_stage import CONFIG_NAME, check_full_weights, full_reference, layer_map_of, read_config_file
 
     decoder_path = Path(decoder_dir)
     if not (decoder_path / CONFIG_NAME).is_file():
@@ -88,23 +88,39 @@ def export_vllm(decoder_dir: str, out: str, full: str | None = None, tp: int = 1
         raise OverfillError(f"'{decoder_dir}' asks for a refresh every {pair.refresh_every} tokens, which the vLLM "
                             f"pair does not do (vLLM schedules no re-prefill of generated tokens); export with "
                             f"--no-refresh to serve it without")
-    full_ref = full or pair.full
+    full_ref = full or full_reference(pair.full, decoder_path)
     full_path = resolve(full_ref)
-    config = vllm_config(read_config(full_path), read_config(decoder_path), full_ref, layer_map_of(decoder_path))
+    config = vllm_config(read_config(full_path), read_config(decoder_path), _provenance(full_path, full_ref),
+                         layer_map_of(decoder_path))
     check_tensor_parallel(config, tp)
     out_path = check_output_dir(out)
-    check_not_an_input(out_path, {"--full": str(full_path), "DECODER": str(decoder_path)})
+    check_not_an_input(out_path, {"--full": full_path, "DECODER": decoder_path})
     if out_path.is_dir() and any(out_path.iterdir()):
         raise OverfillError(f"--out '{out}' is not empty")
+    check_full_weights(full_path, pair, decoder_path)
+    with write_errors_as_one_line(out_path), staged_dir(out_path) as tmp:
+        _write_pair(full_path, decoder_path, config, tmp)
+    return out_path
+
+
+def _provenance(full_path: Path, ref: str) -> str:
+    """The full model's name in the exported config: where it was read from (a built-in name or hub id as is)."""
+    from .hub import BUILTIN_MODELS
+
+    return ref if ref in BUILTIN_MODELS or not Path(ref).expanduser().exists() else str(full_path.resolve())
+
+
+def _write_pair(full_path: Path, decoder_path: Path, config: dict, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    from .model import load_state_dict
+
     tensors = {f"full.{k}": v for k, v in load_state_dict(full_path).items()}
     tensors |= {f"decoder.{k}": v for k, v in load_state_dict(decoder_path).items()}
-    out_path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_path / "model.safetensors"),
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
     for name in sorted(p.name for p in full_path.iterdir()):
         if name.endswith((".json", ".jinja", ".model", ".txt")) and name != "config.json" and \
                 not name.startswith("model.safetensors"):
-            shutil.copy2(full_path / name, out_path / name)
-    (out_path / "config.json").write_text(json.dumps(config, indent=2))
-    return out_path
-
+            shutil.copy2(full_path / name, out / name)
+    (out / "config.json").write_text(json.dumps(config, indent=2))

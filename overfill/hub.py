@@ -12,8 +12,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import OverfillError
-from .files import publish_dir
+from .errors import OverfillError, capped
+from .files import check_output_dir, publish_dir, write_errors_as_one_line
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OVERFILL_CACHE", Path.home() / ".cache" / "overfill"))
 
 
+def local_path(ref: str | os.PathLike) -> Path | None:
+    """Where a reference's files are on this machine, converting and downloading nothing; None where
+    they are not (a hub id, a name that is no path)."""
+    ref = str(ref)
+    if ref in BUILTIN_MODELS:
+        return cache_dir() / ref
+    path = Path(ref).expanduser()
+    return path if path.exists() else None
+
+
 def resolve(ref: str | os.PathLike) -> Path:
     """Turn a model reference into a local HF model directory."""
     ref = str(ref)
@@ -55,7 +65,7 @@ def resolve(ref: str | os.PathLike) -> Path:
         return path
     if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
         known = ", ".join(BUILTIN_MODELS)
-        raise OverfillError(f"model '{ref}' not found: not a directory, a built-in name ({known}) or a hub id")
+        raise OverfillError(f"model '{capped(ref)}' not found: not a directory, a built-in name ({known}) or a hub id")
     return _hub_dir(ref)
 
 
@@ -76,7 +86,9 @@ def _builtin_dir(name: str) -> Path:
     out = cache_dir() / name
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    convert_gguf(name, out)
+    check_output_dir(out, flag="the model cache ($OVERFILL_CACHE)")  # before the conversion, not after
+    with write_errors_as_one_line(out):
+        convert_gguf(name, out)
     return out
 
 
@@ -149,7 +161,10 @@ def load_hf_model(ref: str | os.PathLike, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .model import weight_files
+
     path = resolve(ref)
+    weight_files(path)  # none outside the directory: transformers does not check
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
     except OverfillError:

@@ -9,6 +9,7 @@ keeps the full model's head size with fewer channels.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import OverfillError
-from .files import atomic_file
+from .files import atomic_file, json_loads
 from .kv_cache import KVCache
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -452,28 +453,66 @@ def read_config(path: str | os.PathLike) -> dict:
     return read_json_object(Path(path) / "config.json")
 
 
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a model directory: those its index names, else model.safetensors.
+
+    Each must lie inside the directory: a name or a link that leads out of it is refused, so that
+    a model directory cannot make the loader read (or load) files elsewhere.
+    """
+    path = Path(path)
+    index = path / WEIGHTS_INDEX
+    if index.is_file():
+        try:
+            names = sorted(set(json_loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise OverfillError(f"cannot read {index}: {e!r}") from None
+        if not all(isinstance(name, str) for name in names):
+            raise OverfillError(f"cannot read {index}: its weight_map must name files")
+    elif (path / "model.safetensors").is_file():
+        names = ["model.safetensors"]
+    else:
+        raise OverfillError(f"no safetensors weights in '{path}' (expected model.safetensors)")
+    return [_inside(path, name) for name in names]
+
+
+def _inside(model_dir: Path, name: str) -> Path:
+    """model_dir / name, where that file lies in `model_dir` (after links)."""
+    file = model_dir / name
+    homes = [model_dir.resolve()]
+    if model_dir.parent.name == "snapshots":  # the hub cache links a snapshot's files to the blobs beside it
+        homes.append((model_dir.parent.parent / "blobs").resolve())
+    real = file.resolve()
+    if Path(name).is_absolute() or ".." in Path(name).parts or not any(home in real.parents for home in homes):
+        raise OverfillError(f"the weights file '{name}' of '{model_dir}' lies outside it (as {real}): refused, a "
+                            f"model directory must hold its own weights")
+    return file
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise OverfillError(f"cannot read {index}: {e!r}") from None
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise OverfillError(f"no safetensors weights in '{path}' (expected model.safetensors)")
     state: dict[str, Tensor] = {}
-    for name in files:
+    for file in weight_files(path):
         try:
-            state.update(load_file(str(path / name)))
+            state.update(load_file(str(file)))
         except (OSError, SafetensorError) as e:
-            raise OverfillError(f"cannot read the weights {path / name} (cut off or not safetensors?): {e}") from None
+            raise OverfillError(f"cannot read the weights {file} (cut off or not safetensors?): {e}") from None
     return state
+
+
+def weights_fingerprint(path: str | os.PathLike) -> str:
+    """SHA-256 of a model directory's safetensors files: which exact weights were evaluated, or which
+    full model an OverFill decoder was trained with."""
+    digest = hashlib.sha256()
+    for file in sorted(weight_files(path)):
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_model(ref: str | os.PathLike, dtype: torch.dtype | None = None,

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import OverfillError
-from .files import publish_dir
+from .files import check_not_an_input, check_output_dir, json_loads, staged_dir, write_errors_as_one_line
 from .device import AUTO_PRECISION_HELP, pick_device, resolve_precision
 from .importance import (Aggregate, Importance, ImportanceHooks, calibration_batches, calibration_pass,
                          calibration_summary, calibration_texts)
@@ -44,6 +43,8 @@ CONFIG_FILE = "prune_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 COPIED_FILES = TOKENIZER_FILES + ("generation_config.json",)
+OUTPUT_FILES = {"config.json", "model.safetensors", RECORD_FILE, CONFIG_FILE, *COPIED_FILES}
+"""Everything a prune output holds: what --overwrite may replace."""
 
 
 @dataclass
@@ -165,7 +166,7 @@ class PruneRecord:
     def load(cls, path: str | os.PathLike) -> "PruneRecord":
         file = Path(path) / RECORD_FILE
         try:
-            return cls(**json.loads(file.read_text()))
+            return cls(**json_loads(file.read_text()))
         except (OSError, json.JSONDecodeError, TypeError) as e:
             raise OverfillError(f"cannot read the pruning record {file}: {e}") from None
 
@@ -439,11 +440,21 @@ def prune_model(model: Transformer, tokenizer, cfg: PruneConfig, texts: list[str
     )
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OverfillError(f"output '{out}' is a file; give a directory for --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+def _check_out(out: Path, overwrite: bool, inputs: dict[str, Path | None]) -> None:
+    """--out: writable, no input, and new or empty; with --overwrite, a previous prune output too
+    (publishing replaces the whole directory, so nothing else may be in it)."""
+    check_output_dir(out)
+    check_not_an_input(out, inputs)
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not overwrite:
         raise OverfillError(f"output directory '{out}' is not empty; choose another --out or pass --overwrite")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES)
+    if foreign or not (out / RECORD_FILE).is_file():
+        held = f"it holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, which prune does not write" \
+            if foreign else f"it has no {RECORD_FILE}"
+        raise OverfillError(f"--overwrite replaces only a previous prune output, and '{out}' is none ({held}); "
+                            f"choose another --out")
 
 
 def pruned_config(source: dict, model: Transformer, layers: list[int]) -> dict:
@@ -467,9 +478,7 @@ def _save(model: Transformer, source: Path, config: dict, cfg: PruneConfig, reco
     The tokenizer files are copied as they are: OverFill checks that a decoder's tokenizer is
     byte-identical to its full model's.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with staged_dir(out) as tmp:
         written = pruned_config(config, model, record.kept["layers"])
         (tmp / "config.json").write_text(json.dumps(written, indent=2) + "\n")
         for name in COPIED_FILES:
@@ -478,10 +487,6 @@ def _save(model: Transformer, source: Path, config: dict, cfg: PruneConfig, reco
         save_model(model, tmp, config_from=tmp)  # the weights; the rest is in place already
         record.save(tmp)
         (tmp / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2))
-        publish_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def prune(model: str | os.PathLike, cfg: PruneConfig, out: str | os.PathLike,
@@ -490,16 +495,17 @@ def prune(model: str | os.PathLike, cfg: PruneConfig, out: str | os.PathLike,
 
     Calibration text comes from `cfg.calibration` unless `texts` are given.
     """
-    from .hub import load_tokenizer, resolve
+    from .hub import load_tokenizer, local_path, resolve
 
     out = Path(out)
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, {"MODEL": local_path(model), "--calibration": local_path(cfg.calibration)})
     source = resolve(model)
     config = read_config(source)
     plan(config, cfg)  # fail on bad flags before loading anything large
     tokenizer = load_tokenizer(source)
     full = load_model(source, dtype=torch.float32)  # fp32 whatever the checkpoint's dtype, as the pruner always did
     record = prune_model(full, tokenizer, cfg, texts, source=str(model))
-    _save(full, source, config, cfg, record, out)
+    with write_errors_as_one_line(out):
+        _save(full, source, config, cfg, record, out)
     return record
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import OverfillError
+from .files import json_loads
 
 RESULTS_FORMAT = "overfill-eval/1"
 """The "format" of an `overfill eval` results record (`evaluate.evaluate` writes it)."""
@@ -22,7 +23,7 @@ def load_results(path: str | os.PathLike) -> dict:
     """A results file written by `overfill eval`, checked."""
     path = Path(path)
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = json_loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise OverfillError(f"results file {path} not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

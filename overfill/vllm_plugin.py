@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Iterable
 
 import torch
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 ARCHITECTURE = "OverFillForCausalLM"
 CONFIG_KEY = "overfill"
 """The exported config.json's sub-dictionary: the decoder's widths (see export.py)."""
+TESTED_VLLM = (0, 32)
+"""The vLLM release series the plugin was tested with (pyproject's `vllm` extra pins the same): its
+routing hook patches `GPUModelRunner._model_forward`, which is no public interface."""
 
 
 # ---------------------------------------------------------------------------- per-token routing
@@ -92,14 +96,25 @@ def prompt_token_mask(positions: torch.Tensor, query_start_loc: torch.Tensor, pr
     return mask
 
 
+_hook_problem: str | None = "the plugin's register() has not run (is overfill installed beside vLLM?)"
+"""Why the routing hook is not in place in vLLM's V1 model runner; None once it is."""
+
+
 def _patch_model_runner() -> None:
     """Set `ROUTE` from the runner's batch state before each model call (`_model_forward` is vLLM's
-    documented override point; `input_batch.num_prompt_tokens` holds the prompt lengths in batch order)."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    documented override point; `input_batch.num_prompt_tokens` holds the prompt lengths in batch order).
+    Where that is impossible, `_hook_problem` says why, and loading the pair fails with it."""
+    global _hook_problem
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    if getattr(GPUModelRunner._model_forward, "_overfill", False):
+        original = GPUModelRunner._model_forward
+    except (ImportError, AttributeError) as e:  # not an error for vLLM's other models: only the pair needs it
+        _hook_problem = f"vLLM's V1 model runner has no _model_forward to route through ({e})"
         return
-    original = GPUModelRunner._model_forward
+    _hook_problem = None
+    if getattr(original, "_overfill", False):
+        return
 
     def _model_forward(self, input_ids=None, positions=None, *args, **kwargs):
         if getattr(self.model, "overfill", False) and positions is not None:
@@ -139,6 +154,36 @@ def register() -> None:
         ModelRegistry.register_model(ARCHITECTURE, "overfill.vllm_plugin:OverFillForCausalLM")
     _no_prefix_caching()
     _patch_model_runner()
+
+
+def routing_problem(vllm_config, version: str, hook_problem: str | None) -> str | None:
+    """Why this vLLM cannot route each token to its model (None: it can). Without the routing every
+    token would go to the full model and the output would not be OverFill's, silently: loading the
+    pair fails instead."""
+    series = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+    if series != TESTED_VLLM:
+        tested = ".".join(map(str, TESTED_VLLM))
+        return (f"vLLM {version} is not the {tested} series the plugin was tested with (its routing hook patches "
+                f"vLLM internals): install vllm=={tested}.*")
+    if hook_problem is not None:
+        return hook_problem
+    if getattr(vllm_config, "use_v2_model_runner", False):
+        return ("vLLM runs its V2 model runner, into which the routing is not wired yet (every token would go to "
+                "the full model): set VLLM_USE_V2_MODEL_RUNNER=0 for the V1 runner")
+    compilation = vllm_config.compilation_config
+    graphs = getattr(compilation, "cudagraph_mode", None)
+    if graphs is not None and getattr(graphs, "name", str(graphs)) != "NONE" and compilation.cudagraph_capture_sizes:
+        return ("CUDA graphs replay a batch's passes as they were captured, not as each step routes its tokens: "
+                "serve with --enforce-eager (LLM(..., enforce_eager=True))")
+    return None
+
+
+def check_routed(routed: bool, in_dummy_run: bool) -> None:
+    """A scheduled batch reached the model without its routing: fail, rather than give every token
+    to the full model. (vLLM's warm-up and profiling passes have none, and need none.)"""
+    if not routed and not in_dummy_run:
+        raise RuntimeError("OverFill: a batch reached the model without the per-token routing (vLLM's model "
+                           "runner did not call the patched _model_forward); refusing to run it all on the full model")
 
 
 # ---------------------------------------------------------------------------- the model
@@ -363,6 +408,11 @@ class OverFillForCausalLM(nn.Module):
         from vllm.model_executor.layers.logits_processor import LogitsProcessor
 
         super().__init__()
+        import vllm
+
+        problem = routing_problem(vllm_config, vllm.__version__, _hook_problem)
+        if problem is not None:
+            raise RuntimeError(f"OverFill cannot serve this pair here: {problem}")
         if get_pp_group().world_size > 1:
             raise ValueError("OverFillForCausalLM does not support pipeline parallelism")
         from vllm.compilation.backends import set_model_tag
@@ -397,7 +447,8 @@ class OverFillForCausalLM(nn.Module):
             raise ValueError("OverFillForCausalLM takes token ids, not embeddings")
         N = input_ids.shape[0]
         routed = ROUTE.full_rows is not None and ROUTE.full_rows.shape[0] == N
-        if not routed and _in_dummy_run():
+        if not routed:
+            check_routed(routed, _in_dummy_run())
             self._compile_in_dummy_run(input_ids, positions)
         only = ROUTE.only if routed else "full"
         if only is not None:  # every token on one side (pure decode batches, at steady state): no gathers

@@ -107,3 +107,12 @@ def test_optional_flags_can_be_unset():
     assert parse_args(BuildConfig, ["--tokens", "null"]).tokens is None
     with pytest.raises(SystemExit):
         parse_args(BuildConfig, ["--limit", "seven"])
+
+
+@pytest.mark.parametrize("setting,words", [(dict(lr=float("inf")), "lr"), (dict(tokens=0), "tokens"),
+                                           (dict(kd_weight=float("nan")), "kd_weight"), (dict(batch_size=0), "batch_size"),
+                                           (dict(max_len=1), "max_len")])
+def test_training_settings_are_refused_before_the_prune_stage(tmp_path, setting, words):
+    # BuildConfig is made from the flags before any stage runs: refused there, not after minutes of pruning
+    with pytest.raises(OverfillError, match="bad training settings: .*" + words):
+        BuildConfig(out=str(tmp_path / "run"), **setting)

@@ -150,3 +150,46 @@ def test_help_imports_neither_torch_nor_the_parser():
             "print('torch' in sys.modules, 'jsonargparse' in sys.modules, file=sys.stderr)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stderr.strip() == "False False"
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--tasks", "x", "y", "m"], DemoArgs("m", tasks=["x", "y"])),
+    (["--tasks", "x", "m", "--stream"], DemoArgs("m", tasks=["x"], stream=True)),
+    (["--limit", "3", "--tasks", "x", "m"], DemoArgs("m", tasks=["x"], limit=3)),
+    (["--tasks", "x", "y", "--", "m"], DemoArgs("m", tasks=["x", "y"])),
+])
+def test_a_list_flag_before_the_positional_does_not_swallow_it(argv, expected):
+    assert parse(argv) == expected
+
+
+def test_two_list_flags_before_the_positional_are_not_guessed_at(capsys):
+    with pytest.raises(SystemExit):
+        parse(["--tasks", "x", "y", "--sizes", "1", "2"])  # the positional could be y or 2: none is taken
+    assert "missing MODEL" in capsys.readouterr().err
+
+
+def test_the_usage_line_shows_the_form_that_always_works():
+    from overfill.commands.generate import GenerateArgs
+
+    usage = " ".join(command_parser(GenerateArgs, "overfill generate").format_usage().split())
+    assert usage.endswith("[--stop STOP [STOP ...]] [--stream] [--refresh-every REFRESH_EVERY] [--device DEVICE] "
+                          "[--precision {default,auto,fp32,bf16}] [--] PROMPT")
+
+
+def test_an_error_repeats_at_most_the_echo_limit_of_a_value(capsys):
+    from overfill.errors import ECHO_LIMIT
+
+    value = "x" * 100_000
+    with pytest.raises(SystemExit):
+        parse(["m", "--limit", value])
+    line = [line for line in capsys.readouterr().err.splitlines() if line.startswith("overfill demo: error:")][0]
+    left_out = len(repr(value)) - ECHO_LIMIT
+    assert len(line) < 2 * ECHO_LIMIT and line.endswith(f"... ({left_out:,} more characters)")
+
+
+def test_yaml_aliases_are_refused_in_a_config_and_stay_text_in_a_flag(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("tasks: &t [p, q]\nmodel: *t\n")
+    with pytest.raises(SystemExit):
+        parse(["--config", str(tmp_path / "c.yaml")])
+    assert "--config: YAML aliases" in capsys.readouterr().err
+    assert parse(["*bold*", "--tasks", "&a", "*a"]) == DemoArgs("*bold*", tasks=["&a", "*a"])

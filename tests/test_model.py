@@ -266,3 +266,21 @@ def test_causal_mask_is_transformers_sdpa_mask_plus_each_query_seeing_itself():
                               allow_is_causal_skip=False)
         own = slots[:, None] == torch.arange(10)[None, :]  # [T, S]
         assert torch.equal(causal_mask(valid, slots), reference | own), (first, T)
+
+
+def test_weights_may_be_links_into_the_hub_caches_blobs(tmp_path):
+    # huggingface_hub keeps a snapshot's files as links to the repository's blobs, beside the snapshots
+    import shutil
+
+    from conftest import save_tiny
+    from overfill.model import load_model, weight_files
+
+    source = save_tiny(tmp_path / "source", seed=0)
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / "0123abcd"
+    shutil.copytree(source, snapshot)
+    (repo / "blobs").mkdir()
+    (snapshot / "model.safetensors").rename(repo / "blobs" / "f00d")
+    (snapshot / "model.safetensors").symlink_to("../../blobs/f00d")
+    assert weight_files(snapshot) == [snapshot / "model.safetensors"]
+    assert load_model(snapshot).args.num_hidden_layers == 2

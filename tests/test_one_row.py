@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import overfill.model as model_module
 from overfill.engine import BatchDecoder, SamplingParams, one_row
+from overfill.errors import OverfillError
 from overfill.kv_cache import KVCache
 from overfill.model import causal_mask, decodes_with_layer_stack, linear, use_decode_layers, use_one_row_kernel
 from overfill.two_stage import TwoStageModel
@@ -28,6 +29,20 @@ def test_the_kernels_are_on_unless_turned_off(monkeypatch):
     assert one_row.requested() and one_row.enabled() == one_row.load()
     monkeypatch.setenv("OVERFILL_ONE_ROW_KERNEL", "0")
     assert not one_row.requested() and not one_row.enabled()
+
+
+@pytest.mark.parametrize("value,wanted", [("0", False), ("off", False), (" False ", False), ("NO", False), ("1", True),
+                                          ("on", True), ("True", True), ("yes", True), ("", True)])
+def test_the_switch_takes_the_usual_spellings(monkeypatch, value, wanted):
+    monkeypatch.setenv("OVERFILL_ONE_ROW_KERNEL", value)
+    assert one_row.requested() is wanted
+
+
+@pytest.mark.parametrize("value", ["flase", "2", "disable", "o"])
+def test_any_other_switch_value_is_refused(monkeypatch, value):
+    monkeypatch.setenv("OVERFILL_ONE_ROW_KERNEL", value)
+    with pytest.raises(OverfillError, match=f"OVERFILL_ONE_ROW_KERNEL='{value}' is not a switch"):
+        one_row.requested()
 
 
 def test_supported_says_why_not(monkeypatch):

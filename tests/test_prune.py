@@ -405,6 +405,14 @@ def test_an_existing_output_directory_is_kept(tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
+def test_overwrite_replaces_a_previous_prune_output(tmp_path):
+    full_dir, out = model_dir(tmp_path, tiny_hf_model()), tmp_path / "out"
+    prune(full_dir, PruneConfig(hidden=0.5), out, texts=TEXTS)
+    record = prune(full_dir, PruneConfig(hidden=0.25, multiple=8), out, texts=TEXTS, overwrite=True)
+    assert load(out).config.hidden_size == record.pruned["hidden_size"] == 48
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([full_dir.name, "out"])  # nothing left beside it
+
+
 def test_cli_reports_bad_flags_in_one_line(tmp_path, capsys):
     full_dir = model_dir(tmp_path, tiny_hf_model())
     assert main(["prune", str(full_dir), "--out", str(tmp_path / "out"), "--hidden", "1.5"]) == 2

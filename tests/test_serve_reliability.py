@@ -223,6 +223,8 @@ MALFORMED = [
     ("chat/completions", RAW_HI + b', "temperature": NaN}'),
     ("chat/completions", {"model": NAME, "messages": HI, "top_p": 0}),
     ("chat/completions", {"model": NAME, "messages": HI, "top_k": -5}),
+    ("chat/completions", {"model": NAME, "messages": HI, "temperature": 1, "top_k": 2**63}),  # beyond an int64
+    ("completions", {"model": NAME, "prompt": "hi", "top_k": 10**30}),
     ("chat/completions", {"model": NAME, "messages": HI, "seed": 2**64}),
     ("chat/completions", {"model": NAME, "messages": HI, "stop": 5}),
     ("chat/completions", {"model": NAME, "messages": HI, "stream": "maybe"}),

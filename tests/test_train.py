@@ -291,9 +291,8 @@ def test_out_never_overwrites_an_input_model_or_a_directory_without_a_run(tiny, 
     full = tmp_path / "full"
     shutil.copytree(tiny["full"], full)
     before = {p.name: p.read_bytes() for p in full.iterdir()}
-    for out, message in ((full, "inside the --full model directory"),
-                         (Path(tiny["pruned"]), "inside the --decoder model directory"),
-                         (full / "sub", "inside the --full model directory")):
+    for out, message in ((full, "is the --full input"), (Path(tiny["pruned"]), "is the --decoder input"),
+                         (full / "sub", "inside the --full input"), (tmp_path, "holds the --full input")):
         with pytest.raises(OverfillError, match=message):
             train(config(tiny, out, full=str(full), resume=resume))
     other = tmp_path / "notes"

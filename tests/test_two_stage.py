@@ -99,3 +99,48 @@ def test_save_and_load_an_overfill_directory(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(OverfillError, match="no overfill.json"):
         TwoStageModel.from_pretrained(tmp_path / "pruned")
+
+
+# ---------------------------------------------------------------------------- the recorded full model
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project tree models/{full,pruned}, worked in from its root, and elsewhere/models/full: a
+    full model of the same shapes and other weights, which a reference read from there would find."""
+    from conftest import save_tiny
+
+    for root, seed in ((tmp_path, 0), (tmp_path / "elsewhere", 5)):
+        save_tiny(root / "models" / "full", seed=seed)
+    save_tiny(tmp_path / "models" / "pruned", seed=1, hidden_size=32, intermediate_size=48)
+    monkeypatch.chdir(tmp_path)
+    pair = TwoStageModel.from_refs("models/full", "models/pruned")
+    pair.save_pretrained("runs/overfill", decoder_config_from="models/pruned")
+    return tmp_path
+
+
+def test_overfill_json_records_the_full_model_relative_to_itself_with_its_fingerprint(project):
+    from overfill.model import weights_fingerprint
+
+    saved = json.loads((project / "runs" / "overfill" / "overfill.json").read_text())
+    assert saved["full"] == "../../models/full"  # from runs/overfill
+    assert saved["full_weights_sha256"] == weights_fingerprint(project / "models" / "full")
+
+
+def test_the_recorded_full_model_is_the_same_from_any_directory(project, monkeypatch):
+    monkeypatch.chdir(project / "elsewhere")  # where "models/full" is another model
+    loaded = TwoStageModel.from_pretrained(project / "runs" / "overfill")
+    trained_with = TwoStageModel.from_refs(str(project / "models" / "full")).full
+    assert all(torch.equal(a, b) for a, b in zip(loaded.full.parameters(), trained_with.parameters()))
+
+
+def test_a_full_model_other_than_the_one_trained_with_is_refused(project):
+    with pytest.raises(OverfillError, match="not the full model .* was trained with"):
+        TwoStageModel.from_pretrained(project / "runs" / "overfill", full=str(project / "elsewhere" / "models" / "full"))
+    with pytest.raises(OverfillError, match="trained with"):
+        TwoStageModel.from_refs("elsewhere/models/full", "runs/overfill")
+
+
+def test_an_older_overfill_directory_still_loads_as_it_did(project):
+    # Written before references were recorded relative to it: as typed, relative to the run's directory.
+    (project / "runs" / "overfill" / "overfill.json").write_text(json.dumps({"full": "models/full"}))
+    assert TwoStageModel.from_pretrained("runs/overfill").is_two_stage

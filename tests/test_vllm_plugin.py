@@ -24,9 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from overfill.cli import main
 from overfill.errors import OverfillError
 from overfill.export import check_tensor_parallel, export_vllm, vllm_config
-from overfill.vllm_plugin import _Route, prompt_token_mask, split_rows, warm_up_split
+from overfill.vllm_plugin import (TESTED_VLLM, _Route, check_routed, prompt_token_mask, routing_problem,
+                                  split_rows, warm_up_split)
 
 # ---------------------------------------------------------------------------- routing, no vLLM needed
 
@@ -151,6 +153,99 @@ def test_export_refuses_a_plain_model_dir_and_a_non_empty_out(tmp_path):
     tiny_hf_model().save_pretrained(tmp_path / "plain")
     with pytest.raises(OverfillError, match="not an OverFill directory"):
         export_vllm(str(tmp_path / "plain"), str(tmp_path / "out"))
+
+
+def test_export_reads_the_recorded_full_model_from_any_directory(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    full = save_tiny(tmp_path / "models" / "full", seed=0)
+    save_tiny(tmp_path / "elsewhere" / "models" / "full", seed=5)  # same shapes, other weights
+    save_tiny(tmp_path / "models" / "pruned", seed=1, hidden_size=64, intermediate_size=96)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--full", "models/full", "--decoder", "models/pruned", "--data", str(_chats(tmp_path)),
+                 "--out", "runs/overfill", "--steps", "1", "--batch-size", "2", "--max-len", "32", "--eval-every", "0",
+                 "--checkpoint-every", "0", "--precision", "fp32"]) == 0
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["export", str(tmp_path / "runs" / "overfill"), "--out", str(tmp_path / "ex")]) == 0
+    exported = load_file(tmp_path / "ex" / "model.safetensors")
+    for name, weight in load_file(full / "model.safetensors").items():
+        assert torch.equal(exported[f"full.{name}"], weight)
+
+
+def _chats(tmp_path: Path) -> Path:
+    from conftest import chat, write_jsonl
+
+    return write_jsonl(tmp_path / "chats.jsonl", [chat(i) for i in range(8)])
+
+
+def test_export_to_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    full = save_tiny(tmp_path / "full", seed=0)
+    decoder = overfill_dir(tmp_path, full, "decoder", hidden_size=64, intermediate_size=96)
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    argv = ["export", str(decoder), "--out", str(tmp_path / "ex")]
+    capsys.readouterr()
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("overfill export: error: cannot write") and "No space" in error[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder", "full"]  # no partial or temporary directory
+    monkeypatch.undo()
+    assert main(argv) == 0  # the rerun is not refused as "not empty"
+
+
+# ---------------------------------------------------------------------------- refusing where routing fails
+
+def _vllm_config(v2: bool = False, graphs: str = "NONE", capture_sizes=()):
+    """What routing_problem reads of a VllmConfig."""
+    from types import SimpleNamespace
+
+    mode = SimpleNamespace(name=graphs)
+    return SimpleNamespace(use_v2_model_runner=v2, compilation_config=SimpleNamespace(
+        cudagraph_mode=mode, cudagraph_capture_sizes=list(capture_sizes)))
+
+
+TESTED = ".".join(map(str, TESTED_VLLM)) + ".0"
+
+
+def test_the_cpu_backend_as_tested_routes():
+    assert routing_problem(_vllm_config(), TESTED, None) is None
+    # vLLM's CPU platform keeps a CUDA graph mode but captures nothing
+    assert routing_problem(_vllm_config(graphs="FULL_AND_PIECEWISE"), TESTED + "+cpu", None) is None
+
+
+@pytest.mark.parametrize("config,version,hook,words", [
+    (_vllm_config(v2=True), TESTED, None, "V2 model runner"),
+    (_vllm_config(graphs="FULL_AND_PIECEWISE", capture_sizes=[1, 2, 4]), TESTED, None, "enforce-eager"),
+    (_vllm_config(graphs="PIECEWISE", capture_sizes=[8]), TESTED, None, "CUDA graphs"),
+    (_vllm_config(), "0.33.1", None, "tested with"),
+    (_vllm_config(), "0.31.2", None, "tested with"),
+    (_vllm_config(), "1.0.0.dev3", None, "tested with"),
+    (_vllm_config(), TESTED, "vLLM's V1 model runner has no _model_forward", "no _model_forward"),
+])
+def test_loading_the_pair_is_refused_where_tokens_cannot_be_routed(config, version, hook, words):
+    problem = routing_problem(config, version, hook)
+    assert problem is not None and words in problem and "\n" not in problem
+
+
+def test_a_scheduled_batch_without_routing_fails_rather_than_run_on_the_full_model():
+    check_routed(True, in_dummy_run=False)
+    check_routed(False, in_dummy_run=True)  # vLLM's warm-up and profiling passes
+    with pytest.raises(RuntimeError, match="without the per-token routing"):
+        check_routed(False, in_dummy_run=False)
+
+
+def test_the_vllm_extra_pins_the_tested_series():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    major, minor = TESTED_VLLM
+    assert pyproject["project"]["optional-dependencies"]["vllm"] == [f"vllm>={major}.{minor},<{major}.{minor + 1}"]
 
 
 # ---------------------------------------------------------------------------- engine tests (vLLM)

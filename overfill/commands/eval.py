@@ -5,7 +5,8 @@ import json
 from dataclasses import dataclass, field
 
 from ..evaluate import EvalConfig, evaluate
-from ..files import check_output_file, write_text_atomic
+from ..files import check_not_an_input, check_output_file, write_errors_as_one_line, write_text_atomic
+from ..hub import local_path
 from ..report import write_report
 
 
@@ -20,12 +21,19 @@ class EvalArgs(EvalConfig):
 
 def eval_command(args: EvalArgs) -> None:
     if args.report:
-        out = write_report(args.report, check_output_file(args.out or "report.md"))
+        out = check_output_file(args.out or "report.md")
+        for results in args.report:
+            check_not_an_input(out, {"--report": results})
+        with write_errors_as_one_line(out):
+            write_report(args.report, out)
         print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if out.with_suffix(".png").is_file() else ""))
         return
     out = check_output_file(args.out or "results.json")
+    check_not_an_input(out, {"--full": local_path(args.full), "--decoder": local_path(args.decoder),
+                             "--chat-source": local_path(args.chat_source)})
     record = evaluate(args)
-    write_text_atomic(out, json.dumps(record, indent=2))
+    with write_errors_as_one_line(out):
+        write_text_atomic(out, json.dumps(record, indent=2))
     print(summary(record))
     print(f"wrote {out} ({record['timings']['total_s']:.0f} s)")
 

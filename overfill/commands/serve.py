@@ -15,6 +15,7 @@ from ..serve import DEFAULT_MAX_BODY_BYTES, GRACEFUL_SHUTDOWN_S, create_app, lis
 
 log = logging.getLogger("overfill.serve")
 
+
 @dataclass
 class ServeArgs:
     full: str = field(default="smollm2-135m-instruct", metadata={"help": "full model (prefill)"})
@@ -47,6 +48,17 @@ def default_model_name(full: str, decoder: str | None) -> str:
     return Path(decoder or full).name or str(decoder or full)
 
 
+def given_api_key(flag_value: str | None) -> str | None:
+    """--api-key, else $OVERFILL_API_KEY, else None (no key). An empty one is refused, not taken as no
+    key: `--api-key "$KEY"` with KEY unset would otherwise start an open server."""
+    for source, key in (("--api-key", flag_value), ("OVERFILL_API_KEY", os.environ.get("OVERFILL_API_KEY"))):
+        if key is not None:
+            if not key.strip():
+                raise OverfillError(f"{source} is empty: give the key, or leave {source} out to serve without one")
+            return key
+    return None
+
+
 def serve_command(args: ServeArgs) -> None:
     if args.max_batch < 1:
         raise OverfillError(f"--max-batch must be >= 1, got {args.max_batch}")
@@ -54,7 +66,7 @@ def serve_command(args: ServeArgs) -> None:
         raise OverfillError("--refresh-every must be >= 0")
     if args.max_body_bytes < 1:
         raise OverfillError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
-    api_key = args.api_key or os.environ.get("OVERFILL_API_KEY") or None
+    api_key = given_api_key(args.api_key)
     sock = listen_socket(args.host, args.port)  # fail before the slow model load
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)

@@ -17,7 +17,7 @@ rounding of the result, as `F.linear`), prefetching the rows two blocks ahead:
   fork and join of the threads: the decoder's step runs about twice as fast as inductor's
   (benchmarks/README.md), without compiling anything.
 
-On by default where the CPU has AVX512-BF16; OVERFILL_ONE_ROW_KERNEL=0 turns both off. They are
+On by default where the CPU has AVX512-BF16; OVERFILL_ONE_ROW_KERNEL=0 (or off, false, no) turns both off. They are
 built on first use by torch's C++ extension loader (about a minute, then cached under
 ~/.cache/torch_extensions); where the CPU lacks the instructions or the build fails, the step stays
 layer by layer on `F.linear` and nothing else changes.
@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..device import cpu_flags
+from ..errors import OverfillError, capped
 
 MAX_ROWS = 4  # routed rows (one_row.cpp takes up to 8): at 8 rows oneDNN's AMX GEMM is faster on wide products
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
@@ -71,9 +72,22 @@ def load() -> bool:
     return True
 
 
+ENV_SWITCH = "OVERFILL_ONE_ROW_KERNEL"
+SWITCH_VALUES = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False,
+                 "no": False}
+"""The spellings $OVERFILL_ONE_ROW_KERNEL takes, any case, spaces around; unset or empty: on."""
+
+
 def requested() -> bool:
-    """Whether the kernels are wanted: yes unless OVERFILL_ONE_ROW_KERNEL=0."""
-    return os.environ.get("OVERFILL_ONE_ROW_KERNEL", "1") != "0"
+    """Whether the kernels are wanted: yes unless $OVERFILL_ONE_ROW_KERNEL turns them off. Any
+    other value is refused: a misspelt "off" must not leave them on unnoticed."""
+    value = os.environ.get(ENV_SWITCH, "").strip().lower()
+    if not value:
+        return True
+    if value not in SWITCH_VALUES:
+        raise OverfillError(f"{ENV_SWITCH}={capped(os.environ[ENV_SWITCH])!r} is not a switch: give one of "
+                            f"{', '.join(SWITCH_VALUES)} (any case)")
+    return SWITCH_VALUES[value]
 
 
 def enabled() -> bool:

@@ -41,8 +41,8 @@ class SamplingParams:
             raise OverfillError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens}")
         if not 0 <= self.temperature <= 100:
             raise OverfillError(f"temperature must be in [0, 100], got {self.temperature}")
-        if self.top_k < 0:
-            raise OverfillError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.top_k < 2**63:  # it becomes an int64 tensor
+            raise OverfillError(f"top_k must be in [0, 2**63), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise OverfillError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
