@@ -554,7 +554,7 @@ def _strict_json(text: str):
 def test_the_summary_and_metrics_are_valid_json_with_a_nan_validation_loss(world, tmp_path, monkeypatch):
     from overfill.train import Trainer, train
 
-    monkeypatch.setattr(Trainer, "validate", lambda self: float("nan"))  # e.g. no response token to score
+    monkeypatch.setattr(Trainer, "validate", lambda self: {"val_loss": float("nan")})  # e.g. no response token to score
     out = train(_run(world, tmp_path / "run", steps=2, eval_every=1, checkpoint_every=0))
     assert _strict_json((out / "summary.json").read_text())["final_val_loss"] is None
     assert all(_strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines())
