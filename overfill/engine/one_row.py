@@ -18,9 +18,11 @@ rounding of the result, as `F.linear`), prefetching the rows two blocks ahead:
   (benchmarks/README.md), without compiling anything.
 
 On by default where the CPU has AVX512-BF16; OVERFILL_ONE_ROW_KERNEL=0 (or off, false, no) turns both off. They are
-built on first use by torch's C++ extension loader (about a minute, then cached under
-~/.cache/torch_extensions); where the CPU lacks the instructions or the build fails, the step stays
-layer by layer on `F.linear` and nothing else changes.
+built by torch's C++ extension loader on first use, or ahead of time by `scripts/install.sh`
+(about a minute, said on the terminal, then cached under $OVERFILL_CACHE/kernels/ per source,
+compiler and torch); a failed build is remembered with its reason until one of those changes, and
+a lock left by an interrupted build is removed. Where the CPU lacks the instructions or the build
+fails, the step stays layer by layer on `F.linear` and nothing else changes.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import contextlib
 import functools
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -57,19 +60,79 @@ def load() -> bool:
         log.info("bf16 one-row kernel not used: %s", why)
         return False
     if not hasattr(torch.ops.overfill, "one_row_linear"):
-        from torch.utils.cpp_extension import load as build
-
-        try:
-            build(name="overfill_one_row", sources=[str(Path(__file__).with_name("one_row.cpp"))],
-                  extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
-        except Exception as e:  # no compiler or ninja: the library products still work
-            log.warning("bf16 one-row kernel not built (%s): decode products stay F.linear", str(e).splitlines()[0])
+        if not _build():
             return False
 
         @torch.library.register_fake("overfill::one_row_linear")
         def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             return x.new_empty(*x.shape[:-1], weight.shape[0])
     return True
+
+
+SOURCE = Path(__file__).with_name("one_row.cpp")
+FAILED_FILE = "failed.json"  # a failed build's reason, kept until the source or the compiler changes
+
+
+def build_dir() -> Path:
+    """Where this source, built by this compiler for this torch, lives: a new key means a new build."""
+    import hashlib
+    import subprocess
+
+    from ..hub import cache_dir
+
+    try:
+        compiler = subprocess.run(["c++", "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        compiler = "no c++"
+    key = hashlib.sha256(SOURCE.read_bytes() + compiler.encode() + torch.__version__.encode()).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"one_row-{key}"
+
+
+def _build() -> bool:
+    """Compile and load the ops once per source x compiler x torch, saying so; False (remembered) if that fails."""
+    from torch.utils.cpp_extension import load as torch_load
+
+    where = build_dir()
+    failed = where / FAILED_FILE
+    if failed.is_file():
+        log.warning("bf16 layer stack not used: its build failed before (%s; delete %s to retry)",
+                    capped(failed.read_text().strip(), 300), where)
+        return False
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        _remove_stale_lock(where)
+        built = any(where.glob("*.so"))
+        if not built:
+            print(f"building the bf16 layer stack ({SOURCE.name}) in {where}: about a minute, once", flush=True,
+                  file=sys.stderr)
+        (where / "builder.pid").write_text(str(os.getpid()))
+        torch_load(name="overfill_one_row", sources=[str(SOURCE)], build_directory=str(where),
+                   extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
+        return True
+    except Exception as e:  # no compiler, no ninja, a compile error: the library products still work
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("bf16 layer stack not built (%s): decode steps stay layer by layer", capped(reason, 300))
+        try:
+            failed.write_text(reason + "\n")
+        except OSError:
+            pass  # an unwritable cache: the build is retried next time, which is all that is lost
+        return False
+
+
+def _remove_stale_lock(where: Path) -> None:
+    """torch's loader waits forever on a `lock` file left by a build that was killed (Ctrl-C): remove it when
+    the process that took it is gone."""
+    lock, pid_file = where / "lock", where / "builder.pid"
+    if not lock.exists():
+        return
+    try:
+        os.kill(int(pid_file.read_text()), 0)
+        return  # its builder is alive: wait for it, as torch does
+    except (OSError, ValueError):
+        pass
+    log.warning("removing the stale build lock %s (its build was interrupted)", lock)
+    print(f"removing the stale build lock {lock} (an earlier build was interrupted)", file=sys.stderr)
+    lock.unlink(missing_ok=True)
 
 
 ENV_SWITCH = "OVERFILL_ONE_ROW_KERNEL"
