@@ -204,8 +204,12 @@ def _answer_all(model, cfg: TeachConfig, todo: list[tuple[str, str, list[int]]],
 def _publish(partial: Path, out: Path, order: list[str]) -> None:
     """The answers in prompt order (they were appended as they finished), written under the final name."""
     rank = {uid: i for i, uid in enumerate(order)}
-    lines = partial.read_text(encoding="utf-8").splitlines(keepends=True)
-    text = "".join(sorted(lines, key=lambda line: rank[json.loads(line)["uid"]]))
+    answered = {}  # uid -> line; answers to prompts outside this run's set (a rerun with fewer) are left out
+    for line in partial.read_text(encoding="utf-8").splitlines(keepends=True):
+        uid = json.loads(line)["uid"]
+        if uid in rank:
+            answered[uid] = line
+    text = "".join(sorted(answered.values(), key=lambda line: rank[json.loads(line)["uid"]]))
     tmp = out.with_name(out.name + ".tmp")
     with (gzip.open(tmp, "wt", encoding="utf-8", compresslevel=9) if out.suffix == ".gz"
           else tmp.open("w", encoding="utf-8")) as dst:

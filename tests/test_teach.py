@@ -96,3 +96,11 @@ def test_pure_distillation_trains_on_the_kl_alone(world, tmp_path):
         assert all("val_kl" in r for r in records if "val_loss" in r)
     with pytest.raises(OverfillError, match="--ce-weight or --kd-weight"):
         TrainConfig(**base, out=str(tmp_path / "none"), ce_weight=0.0)
+
+
+def test_a_rerun_with_fewer_prompts_keeps_only_theirs(world, tmp_path):
+    whole = lines(teach(settings(world, tmp_path / "whole.jsonl")))
+    partial = tmp_path / "fewer.jsonl.partial"
+    partial.write_text("".join(json.dumps(w) + "\n" for w in whole[:8]))
+    fewer = lines(teach(settings(world, tmp_path / "fewer.jsonl", examples=5, val_examples=0)))
+    assert fewer == whole[:5]
