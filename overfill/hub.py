@@ -41,9 +41,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OVERFILL_CACHE", Path.home() / ".cache" / "overfill"))
 
 
-def local_path(ref: str | os.PathLike) -> Path | None:
+def local_path(ref: str | os.PathLike | None) -> Path | None:
     """Where a reference's files are on this machine, converting and downloading nothing; None where
-    they are not (a hub id, a name that is no path)."""
+    they are not (a hub id, a name that is no path) or no reference is given."""
+    if ref is None:
+        return None
     ref = str(ref)
     if ref in BUILTIN_MODELS:
         return cache_dir() / ref

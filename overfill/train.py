@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
@@ -59,6 +60,8 @@ from .model import Transformer
 from .two_stage import TwoStageModel
 
 DEFAULT_STEPS = 1000
+MAX_PLANNED_EXAMPLES = 2**31
+"""The most examples a run plans: its plan is a list of example indices in memory (16 GB at this size)."""
 # What --resume may change: none of these alter the loss curve.
 RESUMABLE = {"out", "resume", "checkpoint_every", "keep", "eval_every", "val_examples", "grad_checkpointing",
              "snapshots"}
@@ -137,6 +140,10 @@ class TrainConfig:
             bad.append(f"lr must be positive (got {self.lr})")
         bad += [f"{f.name} must be a finite number (got {getattr(self, f.name)})" for f in fields(self)
                 if isinstance(getattr(self, f.name), float) and math.isinf(getattr(self, f.name))]  # NaN: above
+        if max(_or_one(self.steps) * self.batch_size * self.grad_accum, _or_one(self.tokens) // self.max_len) \
+                > MAX_PLANNED_EXAMPLES:  # a typo's extra zeros: a list that fills the memory, not a run
+            bad.append(f"the run would plan more than {MAX_PLANNED_EXAMPLES:,} examples (steps x batch_size x "
+                       f"grad_accum, or at least tokens / max_len): lower --steps or --tokens")
         if not 0 < self.prompt_budget < self.max_len:
             bad.append(f"need 0 < max_prompt_len < max_len (got {self.prompt_budget} and {self.max_len})")
         if bad:
@@ -287,7 +294,7 @@ class Trainer:
 
         cfg, world = self.cfg, self.accelerator.num_processes
         per_step = cfg.batch_size * cfg.grad_accum * world
-        needed = cfg.steps * per_step if cfg.tokens is None else None  # a step budget needs no more examples
+        needed = min(cfg.steps * per_step, sys.maxsize) if cfg.tokens is None else None  # no more examples needed
         self.train_examples = load_examples(cfg.data, self.tokenizer, "train", cfg.max_len, cfg.prompt_budget,
                                             limit=needed, seed=cfg.seed)
         self.val_examples = []
@@ -297,6 +304,10 @@ class Trainer:
                                                   cfg.prompt_budget, limit=cfg.val_examples, seed=cfg.seed)
             except OverfillError as e:
                 raise OverfillError(f"{e}; pass --eval-every 0 to train without a validation loss") from None
+        if per_step > len(self.train_examples):  # a step would repeat examples (and a huge one never ends)
+            raise OverfillError(f"a step takes {per_step:,} examples (--batch-size x --grad-accum x processes), more "
+                                f"than the {len(self.train_examples):,} training examples of '{cfg.data}': lower "
+                                f"--batch-size")
         lengths = [len(e.prompt_ids) + len(e.response_ids) for e in self.train_examples]
         plan = batch_plan(lengths, per_step, cfg.seed, cfg.steps if cfg.tokens is None else None, cfg.tokens)
         keys = [length_key(e) for e in self.train_examples]

@@ -233,6 +233,7 @@ CASES = [
     ("kd-weight-nan", lambda w, t: train_argv(w, t, "--kd-weight", "nan"), ["kd-weight"]),
     ("lr-negative", lambda w, t: train_argv(w, t, "--lr", "-1"), ["lr"]),
     ("batch-size-zero", lambda w, t: train_argv(w, t, "--batch-size", "0"), ["batch-size"]),
+    ("batch-size-beyond-the-data", lambda w, t: train_argv(w, t, "--batch-size", str(10**20)), ["batch-size"]),
     ("steps-and-tokens", lambda w, t: train_argv(w, t, "--tokens", "1000"), ["--steps", "--tokens"]),
     ("out-is-the-full-model", lambda w, t: train_argv(w, t, out=w["full"]), ["--full"]),
     ("out-inside-the-decoder", lambda w, t: train_argv(w, t, "--resume", out=w["decoder"] / "run"), ["--decoder"]),
@@ -294,6 +295,7 @@ CASES = [
     ("weight-decay-infinite", lambda w, t: train_argv(w, t, "--weight-decay", "inf"), ["weight-decay", "finite"]),
     ("tokens-zero", lambda w, t: train_argv(w, t, "--steps", "null", "--tokens", "0"), ["tokens", "positive"]),
     ("steps-zero", lambda w, t: train_argv(w, t, "--steps", "0"), ["steps", "positive"]),
+    ("steps-beyond-any-plan", lambda w, t: train_argv(w, t, "--steps", str(10**20)), ["--steps", "plan"]),
     ("lr-that-diverges", lambda w, t: train_argv(w, t, "--lr", "1e30", "--steps", "4"), ["diverged", "no model"]),
     # --- recorded references (item 4)
     ("pair-full-model-not-the-trained-one", lambda w, t: generate_argv(_tiny(t, seed=3, hidden_size=64,
@@ -377,7 +379,7 @@ LONGEST_MESSAGE = 2000
 
 
 def test_the_suite_is_wide():
-    assert len(CASES) >= 87
+    assert len(CASES) >= 89
     assert len({case[0] for case in CASES}) == len(CASES)
 
 

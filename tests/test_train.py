@@ -325,3 +325,10 @@ def test_resume_accepts_another_spelling_of_the_same_input_path(tiny, tmp_path):
     saved = config(tiny, tmp_path / "out")
     assert config(tiny, tmp_path / "out", decoder=str(link)).changes_from(saved) == []
     assert config(tiny, tmp_path / "out", decoder=tiny["full"]).changes_from(saved) != []
+
+
+@pytest.mark.parametrize("budget", [dict(steps=10**20), dict(tokens=10**20), dict(steps=10**9, batch_size=8)])
+def test_a_budget_whose_plan_would_fill_the_memory_is_refused(tiny, tmp_path, budget):
+    # the plan of a run is a list of example indices: a typo's extra zeros must not become one of 10**20
+    with pytest.raises(OverfillError, match="would plan more than"):
+        config(tiny, tmp_path / "out", **({"steps": None} | budget))

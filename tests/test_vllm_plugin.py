@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from overfill.cli import main
 from overfill.errors import OverfillError
 from overfill.export import check_tensor_parallel, export_vllm, vllm_config
 from overfill.vllm_plugin import (TESTED_VLLM, _Route, check_routed, prompt_token_mask, routing_problem,
@@ -158,27 +157,21 @@ def test_export_refuses_a_plain_model_dir_and_a_non_empty_out(tmp_path):
 def test_export_reads_the_recorded_full_model_from_any_directory(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    from overfill.two_stage import TwoStageModel
+
     full = save_tiny(tmp_path / "models" / "full", seed=0)
     save_tiny(tmp_path / "elsewhere" / "models" / "full", seed=5)  # same shapes, other weights
     save_tiny(tmp_path / "models" / "pruned", seed=1, hidden_size=64, intermediate_size=96)
-    monkeypatch.chdir(tmp_path)
-    assert main(["train", "--full", "models/full", "--decoder", "models/pruned", "--data", str(_chats(tmp_path)),
-                 "--out", "runs/overfill", "--steps", "1", "--batch-size", "2", "--max-len", "32", "--eval-every", "0",
-                 "--checkpoint-every", "0", "--precision", "fp32"]) == 0
+    monkeypatch.chdir(tmp_path)  # the pair saved as training saves it, from the project's root
+    TwoStageModel.from_refs("models/full", "models/pruned").save_pretrained("runs/overfill", "models/pruned")
     monkeypatch.chdir(tmp_path / "elsewhere")
-    assert main(["export", str(tmp_path / "runs" / "overfill"), "--out", str(tmp_path / "ex")]) == 0
+    export_vllm(str(tmp_path / "runs" / "overfill"), str(tmp_path / "ex"))
     exported = load_file(tmp_path / "ex" / "model.safetensors")
     for name, weight in load_file(full / "model.safetensors").items():
         assert torch.equal(exported[f"full.{name}"], weight)
 
 
-def _chats(tmp_path: Path) -> Path:
-    from conftest import chat, write_jsonl
-
-    return write_jsonl(tmp_path / "chats.jsonl", [chat(i) for i in range(8)])
-
-
-def test_export_to_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+def test_export_to_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     import safetensors.torch
     from safetensors import SafetensorError
 
@@ -189,14 +182,11 @@ def test_export_to_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypa
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    argv = ["export", str(decoder), "--out", str(tmp_path / "ex")]
-    capsys.readouterr()
-    assert main(argv) == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and error[0].startswith("overfill export: error: cannot write") and "No space" in error[0]
+    with pytest.raises(OverfillError, match="cannot write .*: No space left on device$"):  # the CLI's one line
+        export_vllm(str(decoder), str(tmp_path / "ex"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder", "full"]  # no partial or temporary directory
     monkeypatch.undo()
-    assert main(argv) == 0  # the rerun is not refused as "not empty"
+    assert (export_vllm(str(decoder), str(tmp_path / "ex")) / "model.safetensors").is_file()  # not "not empty"
 
 
 # ---------------------------------------------------------------------------- refusing where routing fails
