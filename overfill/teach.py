@@ -89,7 +89,7 @@ def teach(cfg: TeachConfig) -> Path:
     _check_writable(out, partial)
     model = _load_teacher(cfg)
     prompts = _prompts(cfg, model.tokenizer)
-    done = _done_uids(partial)
+    done = _done_uids(partial) & {uid for _, uid, _ in prompts}
     todo = [p for p in prompts if p[1] not in done]
     _write_meta(out, cfg, len(prompts))
     print(f"teacher {cfg.full}: {len(prompts)} prompts ({len(done)} done), up to {cfg.batch_size} at a time",
