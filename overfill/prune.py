@@ -16,7 +16,7 @@ The hidden width is cut one of two ways (`--method`):
   stays a plain Llama / Qwen; `overfill.rotate`) and the first D' coordinates are kept; the MLP
   neurons and heads are then scored again on the model cut to D' (a second calibration pass).
   lm_head is untied from the embedding. On SmolLM2-135M it cuts the calibration loss right after
-  pruning from 8.87 to 7.13 at hidden 288 and from 7.86 to 4.79 at 432 (docs/results/prune_methods.json);
+  pruning from 8.87 to 7.10 at hidden 288 and from 7.86 to 4.80 at 432 (docs/results/prune_methods.json);
 - select: the D' most important channels, every kept weight as it was.
 
     overfill prune smollm2-135m-instruct --out pruned --hidden 0.45 --intermediate 0.45
@@ -469,11 +469,11 @@ def prune_model(model: Transformer, tokenizer, cfg: PruneConfig, texts: list[str
 
 NORM_SCALE = "plain"
 """Each norm's weight after a rotated cut: plain sqrt(D / D'), or calibrated per norm to the energy it keeps
-(`rotate.norm_scales`). Measured on SmolLM2-135M (docs/results/prune_methods.json): calibrated was 0.12 better at
-hidden 288 and 0.12 worse at 432, so the plain one stays."""
+(`rotate.norm_scales`). Measured on SmolLM2-135M (docs/results/prune_methods.json): calibrated was 0.07 better at
+hidden 288 and 0.11 worse at 432, so the plain one stays."""
 RESCORE = True
 """Score the MLP neurons and heads again on the model rotated and cut to D' (one more calibration pass) rather
-than reuse the full model's scores: 1.1 lower loss at hidden 288, 0.1 at 432 (docs/results/prune_methods.json)."""
+than reuse the full model's scores: 1.17 lower loss at hidden 288, 0.09 at 432 (docs/results/prune_methods.json)."""
 
 METHODS = {
     "select": "keeps the D' residual channels with the most activation (Minitron); every weight keeps its values",

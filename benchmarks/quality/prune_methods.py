@@ -82,6 +82,10 @@ def main() -> None:
                         if k in ("calibration", "samples", "loss_samples", "seq_len", "seed", "precision")},
         "runs": runs,
         "ablations": ablations,
+        "notes": ["rotate unties lm_head from the embedding (the final norm folds into lm_head only), so on a tied "
+                  "model params_after counts vocab x D' more; a decode step reads about the same bytes (the "
+                  "embedding gives one row)", "loss_hidden_cut_only: rotate's model after the hidden cut alone "
+                  "(MLP and heads whole), where the neurons and heads are scored again"],
         "rotate_minus_select": {str(h): round(by[("rotate", h)] - by[("select", h)], 4)
                                 for h in sorted({r["hidden"] for r in runs})},
         "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
