@@ -20,7 +20,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 from .errors import OverfillError
 from .files import check_not_an_input, check_output_dir, write_text_atomic
@@ -43,6 +43,9 @@ class BuildConfig:
     intermediate: float = field(default=0.45, metadata={"help": "MLP width to remove (ratio) or keep (absolute)"})
     heads: float = field(default=0.0, metadata={"help": "query heads to remove (ratio) or keep (absolute)"})
     depth: float = field(default=0.0, metadata={"help": "layers to remove (ratio) or keep (absolute)"})
+    prune_method: Literal["select", "rotate"] = field(default="rotate", metadata={
+        "help": "how the hidden width is cut (`overfill prune --method`): rotate = onto the residual stream's "
+                "principal directions first, select = the most important channels as they are"})
     calibration_samples: int = field(default=32, metadata={"help": "calibration sequences for pruning"})
     calibration_seq_len: int = field(default=256, metadata={"help": "tokens per calibration sequence"})
     data: str = field(default="sharegpt", metadata={"help": "training data (see `overfill train`)"})
@@ -106,8 +109,8 @@ def _prune(run: Run) -> None:
     from .prune import PruneConfig, prune
 
     c = run.cfg
-    cfg = PruneConfig(hidden=c.hidden, intermediate=c.intermediate, heads=c.heads, depth=c.depth,
-                      calibration=c.data, samples=c.calibration_samples, seq_len=c.calibration_seq_len,
+    cfg = PruneConfig(method=c.prune_method, hidden=c.hidden, intermediate=c.intermediate, heads=c.heads,
+                      depth=c.depth, calibration=c.data, samples=c.calibration_samples, seq_len=c.calibration_seq_len,
                       device=c.device, seed=c.seed)
     run.stage("prune", {"full": c.full, **asdict(cfg)},
               lambda: prune(c.full, cfg, run.path("pruned"), overwrite=True))

@@ -4,7 +4,9 @@ Forward hooks on our own `Transformer` accumulate, in one pass over the calibrat
 - hidden channel: the outputs of every normalisation layer (both per block, and the final one);
 - MLP neuron: the input of the down projection, per layer;
 - query head: the L2 norm of the head's attention output (the input of o_proj), per layer;
-- layer: 1 - cosine(block input, block output), averaged over tokens.
+- layer: 1 - cosine(block input, block output), averaged over tokens;
+- the residual stream's second moments where every norm reads it (for `--method rotate`): per
+  norm, the sum over tokens of x x^T of its input x normalised to rms 1 (what the norm's readers see).
 Per-token scores are reduced over each sequence (`seq_aggregate`) and then over the batch
 (`batch_aggregate`); Minitron found mean-then-L2 best, which is the default.
 """
@@ -89,6 +91,9 @@ class Importance:
     """Per layer: [H]."""
     blocks: Tensor | None
     """[L]: 1 - cosine(block input, block output); None when not measured."""
+    covariance: Tensor | None = None
+    """[2L + 1, D, D] float64, per norm (per layer input and post-attention, then the final one): the
+    sum over tokens of x x^T, x its input scaled to rms 1; None when not measured."""
 
 
 def reduce_tokens(x: Tensor, mask: Tensor, how: Aggregate) -> Tensor:
@@ -136,12 +141,12 @@ class ImportanceHooks:
     """Forward hooks on a Transformer that accumulate Minitron importance during calibration.
 
     Block importance (a cosine per token and layer) is measured only when `blocks` is set:
-    only depth pruning by cosine needs it.
+    only depth pruning by cosine needs it; the residual covariance only when `covariance` is set.
     """
 
     def __init__(self, model: Transformer, seq_aggregate: Aggregate = "mean", batch_aggregate: Aggregate = "l2",
-                 blocks: bool = False):
-        self.model, self.seq_aggregate, self.blocks = model, seq_aggregate, blocks
+                 blocks: bool = False, covariance: bool = False):
+        self.model, self.seq_aggregate, self.blocks, self.covariance = model, seq_aggregate, blocks, covariance
         self.mask: Tensor | None = None  # [B, T] bool of the batch being run
         n = len(model.model.layers)
         self.norms = [BatchAggregate(batch_aggregate) for _ in range(2 * n + 1)]
@@ -149,6 +154,7 @@ class ImportanceHooks:
         self.heads = [BatchAggregate(batch_aggregate) for _ in range(n)]
         self.block_distance = torch.zeros(n, dtype=torch.float64)
         self.tokens = 0
+        self.second_moments: Tensor | None = None  # [2L + 1, D, D] float32 on the model's device, once it runs
         self.handles = []
 
     def __enter__(self) -> "ImportanceHooks":
@@ -156,6 +162,9 @@ class ImportanceHooks:
         norms = [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
         for module, stat in zip(norms + [self.model.model.norm], self.norms):
             self.handles.append(module.register_forward_hook(self._channels(stat, output=True)))
+        if self.covariance:
+            for i, module in enumerate(norms + [self.model.model.norm]):
+                self.handles.append(module.register_forward_pre_hook(self._second_moment(i)))
         for i, layer in enumerate(layers):
             self.handles.append(layer.mlp.down_proj.register_forward_hook(self._channels(self.neurons[i], output=False)))
             self.handles.append(layer.self_attn.o_proj.register_forward_hook(self._heads(self.heads[i])))
@@ -182,6 +191,16 @@ class ImportanceHooks:
             stat.add(reduce_tokens(per_head, self.mask, self.seq_aggregate))
         return hook
 
+    def _second_moment(self, i: int):
+        def hook(module, inputs):
+            x = inputs[0][self.mask].float()  # [N, D], the real tokens
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.eps)
+            if self.second_moments is None:  # float32 where the model runs (a few batches' sums); no copy per call
+                n, d = len(self.norms), x.shape[1]
+                self.second_moments = torch.zeros(n, d, d, dtype=torch.float32, device=x.device)
+            self.second_moments[i].addmm_(x.T, x)
+        return hook
+
     def _block(self, i: int):
         def hook(module, inputs, out):
             x_in = inputs[0]  # [B, T, D]; out: [B, T, D]
@@ -194,7 +213,8 @@ class ImportanceHooks:
         return Importance(hidden=torch.stack([s.result() for s in self.norms]).sum(0),
                           neurons=[s.result() for s in self.neurons],
                           heads=[s.result() for s in self.heads],
-                          blocks=(self.block_distance / self.tokens).float() if self.blocks else None)
+                          blocks=(self.block_distance / self.tokens).float() if self.blocks else None,
+                          covariance=None if self.second_moments is None else self.second_moments.double().cpu())
 
 
 # ---------------------------------------------------------------------------- the pass

@@ -54,7 +54,7 @@ def world(tmp_path_factory, smollm2_tokenizer):
     records = [chat(i) for i in range(16)] + [chat(20 + i, uid) for i, uid in enumerate(validation_ids(2))]
     chats.write_text("".join(json.dumps(r) + "\n" for r in records))
     pruned, trained = root / "pruned", root / "trained"
-    assert main(["prune", str(full), "--out", str(pruned), "--depth", "3", "--depth-method", "firstlast",
+    assert main(["prune", str(full), "--out", str(pruned), "--depth", "3", "--depth-method", "firstlast", "--method", "select",
                  "--hidden", "0.5", "--intermediate", "0.5", "--multiple", "8", "--calibration", str(chats),
                  "--samples", "8", "--loss-samples", "4", "--seq-len", "64", "--precision", "fp32",
                  "--device", "cpu"]) == 0

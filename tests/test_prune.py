@@ -17,7 +17,7 @@ from test_model import ARCHS
 
 ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3"]
 TEXTS = [f"Sample {i}: the quick brown fox jumps over the lazy dog, {i * 7} times!" * (1 + i % 3) for i in range(10)]
-EXACT = PruneConfig(precision="fp32", multiple=8)  # tiny widths: a small multiple
+EXACT = PruneConfig(method="select", precision="fp32", multiple=8)  # tiny widths: a small multiple
 
 
 def tiny_tokenizer():
@@ -197,7 +197,8 @@ def test_pruning_every_dimension_equals_zeroing_what_is_removed(arch):
             if name.endswith(("q_norm.weight", "k_norm.weight")):
                 param.uniform_(0.5, 1.5)
     pruned = ours(full)
-    cfg = PruneConfig(hidden=48, intermediate=0.5, heads=0.5, depth=0.25, multiple=8, precision="fp32")
+    cfg = PruneConfig(hidden=48, intermediate=0.5, heads=0.5, depth=0.25, multiple=8, precision="fp32",
+                      method="select")
     record = prune_model(pruned, tiny_tokenizer(), cfg, TEXTS)
     assert sorted(set(range(64)) - set(record.kept["hidden"])) == sorted(dead.tolist())
     assert record.pruned["num_attention_heads"] == 4 and record.pruned["num_hidden_layers"] == 3
@@ -211,7 +212,8 @@ def test_pruned_model_loads_with_plain_transformers_and_two_stage(tmp_path, arch
     full = wide_model(arch, tie_word_embeddings=arch in ("qwen2", "qwen3"))
     full_dir = model_dir(tmp_path, full)
     in_memory = ours(full)
-    cfg = PruneConfig(hidden=0.5, intermediate=0.5, heads=0.5, depth=3, multiple=8, precision="fp32")
+    cfg = PruneConfig(hidden=0.5, intermediate=0.5, heads=0.5, depth=3, multiple=8, precision="fp32",
+                      method="select")
     expected = prune_model(in_memory, load_tokenizer(full_dir), cfg, TEXTS)  # as prune() tokenizes
     record = prune(full_dir, cfg, tmp_path / "out", texts=TEXTS)
 
@@ -261,10 +263,12 @@ WIDTH_KEYS = {"hidden_size", "intermediate_size", "num_attention_heads", "num_ke
               "num_hidden_layers", "layer_types", "dtype"}
 
 
+@pytest.mark.parametrize("method", ["select", "rotate"])
 @pytest.mark.parametrize("arch,overrides", ARCHS)
-def test_pruned_directory_gives_the_same_logits_in_transformers_and_ours(tmp_path, arch, overrides):
+def test_pruned_directory_gives_the_same_logits_in_transformers_and_ours(tmp_path, arch, overrides, method):
     full_dir = model_dir(tmp_path, tiny_hf_model(arch, **overrides))
-    cfg = PruneConfig(hidden=0.5, intermediate=0.5, heads=0.5, depth=0.5, multiple=8, precision="fp32")
+    cfg = PruneConfig(hidden=0.5, intermediate=0.5, heads=0.5, depth=0.5, multiple=8, precision="fp32",
+                      method=method)
     prune(full_dir, cfg, tmp_path / "out", texts=TEXTS)
     ours_loaded = load_model(tmp_path / "out")
     args = ours_loaded.args
@@ -272,8 +276,10 @@ def test_pruned_directory_gives_the_same_logits_in_transformers_and_ours(tmp_pat
     assert_close(logits(load(tmp_path / "out")), logits(ours_loaded), atol=1e-5, rtol=1e-4)
     source = json.loads((full_dir / "config.json").read_text())
     written = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert {k: v for k, v in written.items() if k not in WIDTH_KEYS} == {
-        k: v for k, v in source.items() if k not in WIDTH_KEYS}
+    changed = WIDTH_KEYS | ({"tie_word_embeddings"} if method == "rotate" else set())  # rotate unties
+    assert {k: v for k, v in written.items() if k not in changed} == {
+        k: v for k, v in source.items() if k not in changed}
+    assert written["tie_word_embeddings"] == (source["tie_word_embeddings"] and method == "select")
     files = {p.name for p in full_dir.iterdir()}  # config, generation config, weights, tokenizer
     assert {p.name for p in (tmp_path / "out").iterdir()} == files | {CONFIG_FILE, RECORD_FILE}
 
@@ -329,7 +335,8 @@ def test_planted_hidden_channels():
         for norm in norms:
             norm.weight[strong] *= 10
             norm.weight[dead] = 0
-    record = prune_model(ours(model), tiny_tokenizer(), PruneConfig(hidden=48, multiple=8, precision="fp32"), TEXTS)
+    cfg = PruneConfig(hidden=48, multiple=8, precision="fp32", method="select")
+    record = prune_model(ours(model), tiny_tokenizer(), cfg, TEXTS)
     assert strong in record.kept["hidden"] and dead not in record.kept["hidden"]
 
 
@@ -435,7 +442,7 @@ def test_cli_prunes_with_a_local_calibration_file(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_prune_smollm2(tmp_path, smollm2_dir):
-    cfg = PruneConfig(hidden=0.45, intermediate=0.45, samples=8, seq_len=64)
+    cfg = PruneConfig(hidden=0.45, intermediate=0.45, samples=8, seq_len=64, method="select")
     record = prune(smollm2_dir, cfg, tmp_path / "out", texts=TEXTS)
     assert (record.pruned["hidden_size"], record.pruned["intermediate_size"]) == (288, 848)
     assert record.pruned["num_attention_heads"] == 9 and record.layer_map is None

@@ -33,6 +33,13 @@ def summary(record: PruneRecord) -> str:
                  f"intermediate {full['intermediate_size']} -> {pruned['intermediate_size']}, "
                  f"heads {full['num_attention_heads']} -> {pruned['num_attention_heads']}, "
                  f"layers {full['num_hidden_layers']} -> {pruned['num_hidden_layers']}")
+    method = record.method
+    if method["name"] == "rotate":
+        lines.append(f"method: rotate (principal directions of the residual stream; the kept {pruned['hidden_size']} "
+                     f"carry {method['energy_kept']:.1%} of its energy, the best {pruned['hidden_size']} channels "
+                     f"{method['energy_kept_by_select']:.1%}; lm_head untied)")
+    else:
+        lines.append("method: select (the most important hidden channels)")
     lines.append(f"parameters: {record.params_before:,} -> {record.params_after:,} "
                  f"({record.bytes_after / 2**20:.1f} MiB)")
     cal = record.calibration
