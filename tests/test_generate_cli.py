@@ -91,7 +91,8 @@ def test_stop_strings_before_the_prompt_leave_it_the_prompt(dirs, model, capsys)
     # --stop takes several values: the last value before the end is the prompt, as a user means it
     full_text = text(model, max_new_tokens=16)
     stop = full_text[len(full_text) // 2:len(full_text) // 2 + 2]
-    argv = ["generate", "--full", dirs[0], "--decoder", dirs[1], "--device", "cpu", "--max-new-tokens", "16"]
+    argv = ["generate", "--full", dirs[0], "--decoder", dirs[1], "--device", "cpu", "--max-new-tokens", "16",
+            "--precision", "fp32"]
     capsys.readouterr()
     assert main(argv + ["--stop", "never said", stop, PROMPT]) == 0
     assert capsys.readouterr().out == full_text[:full_text.find(stop)] + "\n"

@@ -157,7 +157,7 @@ def test_generation_equals_a_hand_written_two_stage_loop(world, decoder, capsys)
     text = generate(model, [PROMPT], SamplingParams(12), chat=False)[0].text
     capsys.readouterr()
     assert main(["generate", PROMPT, "--full", str(world.full), "--decoder", str(getattr(world, decoder)),
-                 "--raw", "--max-new-tokens", "12", "--device", "cpu"]) == 0
+                 "--raw", "--max-new-tokens", "12", "--device", "cpu", "--precision", "fp32"]) == 0
     assert capsys.readouterr().out == text + "\n"
     if not eos:
         assert text == model.tokenizer.decode(expected, skip_special_tokens=True).removesuffix("\ufffd")
