@@ -173,7 +173,7 @@ def test_the_usage_line_shows_the_form_that_always_works():
 
     usage = " ".join(command_parser(GenerateArgs, "overfill generate").format_usage().split())
     assert usage.endswith("[--stop STOP [STOP ...]] [--stream] [--refresh-every REFRESH_EVERY] [--device DEVICE] "
-                          "[--precision {default,auto,fp32,bf16}] [--] PROMPT")
+                          "[--precision {auto,fp32,bf16}] [--] PROMPT")
 
 
 def test_an_error_repeats_at_most_the_echo_limit_of_a_value(capsys):
