@@ -3,8 +3,8 @@
 The warm-up compiles every graph a request can need (any row count, sampling kind and cache
 length), so that no request compiles on the scheduler thread, where torch's per-thread recompile
 limit once failed every running request; a graph that fails to compile or to run leaves its requests
-to eager steps; start-up says what it compiles, on every core, into a cache kept for the next start;
-and 32 concurrent streams with mixed sampling all complete, with the same greedy and seeded outputs
+to eager steps; start-up says what it compiles into a cache kept for the next start; and 32
+concurrent streams with mixed sampling all complete, with the same greedy and seeded outputs
 whether or not one client disconnects and another sends a bad request.
 
 Tiny random pair with SmolLM2's tokenizer (test_serve.py), compiled as `overfill serve` does.
@@ -23,7 +23,7 @@ from torch._dynamo.utils import counters
 
 from overfill.commands import serve as serve_module
 from overfill.commands.serve import ServeArgs, serve_command
-from overfill.engine import ContinuousBatcher, continuous
+from overfill.engine import ContinuousBatcher, WarmedVariant, continuous
 from overfill.serve import create_app
 from overfill.two_stage import TwoStageModel
 from test_serve import NAME, TIMEOUT, chat, chat_ids, health, job, run_out, serving, text_of, tiny_pair_dirs
@@ -88,7 +88,7 @@ def stream_chat(url, body) -> dict:
 
 # ---------------------------------------------------------------------------- every graph at warm-up
 
-SAMPLINGS = {  # a request of each sampling a client may send; None: leave temperature out (1.0, as OpenAI's)
+SAMPLINGS = {  # a request of each sampling a client may send; "default" leaves temperature out (1.0, as OpenAI)
     "default": {},
     "greedy": {"temperature": 0},
     "top_p": {"temperature": 0.8, "top_p": 0.9},
@@ -261,3 +261,11 @@ def test_the_warm_up_compiles_at_the_fewest_rows_the_layer_stack_leaves_to_the_g
     monkeypatch.setattr(continuous, "decodes_with_layer_stack", lambda model, rows: rows <= 8)
     batcher = ContinuousBatcher(TwoStageModel.from_refs(*pair_dirs), max_batch=16)
     assert sorted(batcher.warm_up_variants()) == [(9, kind) for kind in ("filtered", "greedy", "temperature")]
+
+
+def test_the_time_left_counts_a_decoder_graph_for_each_new_row_count():
+    variants = [(rows, kind) for rows in (1, 2) for kind in ("greedy", "temperature", "filtered")]
+    warmed = [WarmedVariant(1, "greedy", 40.0, 1), WarmedVariant(1, "temperature", 4.0, 1)]
+    assert serve_module.seconds_left(variants, warmed) == 40.0 + 3 * 4.0
+    assert serve_module.seconds_left(variants, warmed[:1]) == 5 * 40.0  # nothing else to go by yet
+    assert serve_module.seconds_left(variants, warmed + [WarmedVariant(1, "filtered", 6.0, 1)] * 4) == 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,19 @@ def compile_workers() -> int:
     return config.compile_threads
 
 
+def seconds_left(variants: list[tuple[int, str]], warmed: list[WarmedVariant]) -> float:
+    """About how long the variants not warmed yet will take, from those that were: the first variant at a
+    row count also compiles the decoder's graph (most of the time), the others a sampler's only."""
+    def opens_rows(i: int) -> bool:
+        return variants[i][0] not in {rows for rows, _ in variants[:i]}
+
+    seconds = {True: [], False: []}
+    for i, variant in enumerate(warmed):
+        seconds[opens_rows(i)].append(variant.seconds)
+    every = [variant.seconds for variant in warmed]
+    return sum(statistics.fmean(seconds[opens_rows(i)] or every) for i in range(len(warmed), len(variants)))
+
+
 def warm_up(batcher: ContinuousBatcher) -> list[WarmedVariant]:
     """Compile every graph a request can need before listening, saying so, and how long it is taking."""
     variants = batcher.warm_up_variants()
@@ -96,15 +110,15 @@ def warm_up(batcher: ContinuousBatcher) -> list[WarmedVariant]:
              "%d compile workers; compiled graphs are kept in %s for the next start",
              len(variants), "; ".join(variant_name(*v) for v in variants), compile_workers(),
              cache or "torch's default cache")
-    start = time.perf_counter()
+    start, warmed = time.perf_counter(), []
 
     def progress(done: int, total: int, variant: WarmedVariant) -> None:
-        elapsed = time.perf_counter() - start
-        left = f"; about {elapsed / done * (total - done):.0f} s left" if done < total else ""
+        warmed.append(variant)
+        left = f"; about {seconds_left(variants, warmed):.0f} s left" if done < total else ""
         log.info("compiled %d/%d (%s) in %.1f s%s", done, total, variant_name(variant.rows, variant.kind),
                  variant.seconds, left)
 
-    warmed = batcher.warm_up(progress)
+    batcher.warm_up(progress)
     log.info("compiled the decode step in %.0f s (%d graphs compiled)", time.perf_counter() - start,
              sum(w.compiles for w in warmed))
     return warmed
