@@ -91,13 +91,20 @@ def start_server(args, port: int, log_file, full: str | None = None, extra: list
     raise SystemExit(f"the server did not answer within {args.startup_timeout}s; see {log_file.name}")
 
 
+GREEDY = {"temperature": 0}
+OPENAI_SAMPLING = ("temperature", "top_p", "seed")
+"""Sampling fields of OpenAI's API; others (top_k) go in the body as extras."""
+
+
 async def ask(client: openai.AsyncOpenAI, index: int, prompt: str, max_tokens: int,
-              extra_body: dict | None = None) -> Result:
+              extra_body: dict | None = None, sampling: dict = GREEDY) -> Result:
     result, start = Result(index), time.perf_counter()
+    given = {k: v for k, v in sampling.items() if k in OPENAI_SAMPLING}
+    extra = {**(extra_body or {}), **{k: v for k, v in sampling.items() if k not in OPENAI_SAMPLING}}
     try:
         stream = await client.chat.completions.create(
             model=MODEL_NAME, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-            temperature=0, stream=True, stream_options={"include_usage": True}, extra_body=extra_body)
+            stream=True, stream_options={"include_usage": True}, extra_body=extra or None, **given)
         pieces = []
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
@@ -113,8 +120,9 @@ async def ask(client: openai.AsyncOpenAI, index: int, prompt: str, max_tokens: i
 
 
 async def run_pass(base_url: str, prompts: list[str], concurrency: int, max_tokens: int,
-                   extra_body: dict | None = None) -> tuple[list[Result], float]:
-    """All prompts through `concurrency` clients working off one queue; the results in prompt order."""
+                   extra_body: dict | None = None, samplings: list[dict] | None = None) -> tuple[list[Result], float]:
+    """All prompts through `concurrency` clients working off one queue; the results in prompt order.
+    Each request is greedy, or samples with `samplings[i]` (fields as the API takes them)."""
     client = openai.AsyncOpenAI(base_url=base_url, api_key="-", max_retries=0, timeout=600,
                                 http_client=openai.DefaultAsyncHttpxClient(
                                     limits=httpx.Limits(max_connections=concurrency)))
@@ -126,7 +134,8 @@ async def run_pass(base_url: str, prompts: list[str], concurrency: int, max_toke
     async def worker():
         while not todo.empty():
             i = todo.get_nowait()
-            results.append(await ask(client, i, prompts[i], max_tokens, extra_body))
+            results.append(await ask(client, i, prompts[i], max_tokens, extra_body,
+                                     samplings[i] if samplings else GREEDY))
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -141,6 +150,10 @@ def percentile(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
+def percentiles(values: list[float]) -> dict:
+    return {f"p{q}": round(percentile(values, q), 3) if values else None for q in (10, 50, 95, 99)}
+
+
 def summary(results: list[Result], wall: float, concurrency: int, server_stats: dict) -> dict:
     ok = [r for r in results if r.error is None]
     tokens = sum(r.completion_tokens for r in ok)
@@ -152,10 +165,8 @@ def summary(results: list[Result], wall: float, concurrency: int, server_stats: 
         "completion_tokens": tokens, "prompt_tokens": sum(r.prompt_tokens for r in ok),
         "completion_tokens_per_s": round(tokens / wall, 2),
         "latency_s": {"mean": round(statistics.fmean(latencies), 3) if latencies else None,
-                      "p50": round(percentile(latencies, 50), 3) if latencies else None,
-                      "p95": round(percentile(latencies, 95), 3) if latencies else None},
-        "ttft_s": {"p50": round(percentile(ttfts, 50), 3) if ttfts else None,
-                   "p95": round(percentile(ttfts, 95), 3) if ttfts else None},
+                      **percentiles(latencies)},
+        "ttft_s": percentiles(ttfts),
         "server_mean_batch": None if server_stats["mean_batch"] is None else round(server_stats["mean_batch"], 2),
         "server_decode_steps": server_stats["steps"],
     }

@@ -7,10 +7,16 @@
     gap under load less than 100 ms above the largest gap alone. /health latency is timed too.
 (b) Requests without `max_tokens` are batched: N concurrent greedy chat requests that leave
     it out. Target: a mean decode batch (from /health's counters) of 8 or more for N = 16.
+(c) Mixed sampling under load (issue #30): 200 streamed chat requests from 32 clients, the
+    samplings in turn (temperature left out as OpenAI clients do, greedy, temperature with top-p,
+    top-k, seeded), every tenth prompt long enough to grow the KV cache. Target: 0 errors, and 0
+    graphs compiled after the warm-up (/health's `compiles`); p50/p99 time to first token reported.
 
     python -m benchmarks.serve_reliability --out /tmp/serve_reliability.json          # tiny random model
     python -m benchmarks.serve_reliability --full smollm2-135m-instruct \\
         --out benchmarks/serve_reliability.json                                        # the real one
+    python -m benchmarks.serve_reliability --full smollm2-135m-instruct --decoder /tmp/pruned45 \\
+        --targets c --out benchmarks/serve_reliability_mixed_cpu.json                   # (c), real pair
 
 The server runs as a subprocess (`python -m overfill.cli serve`), as in `serve_load.py`. The
 tiny model is a random 2-layer Llama with SmolLM2's tokenizer and a 512-token window (as in
@@ -19,6 +25,7 @@ the tests): it never stops early, so a request without max_tokens runs to the wi
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -33,7 +40,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.serve_load import MODEL_NAME, free_port, pass_stats, start_server
+from benchmarks.serve_load import MODEL_NAME, free_port, pass_stats, run_pass, start_server, summary
 
 TINY = "tiny"
 TARGET_EXTRA_DELAY_S = 0.100
@@ -180,6 +187,45 @@ def target_b(base: str, args) -> dict:
             "peak_rows": after["peak_rows"], "target_met": stats["mean_batch"] >= TARGET_MEAN_BATCH}
 
 
+# ---------------------------------------------------------------------------- (c)
+
+MIXED_SAMPLINGS = {
+    "temperature left out": {},
+    "greedy": {"temperature": 0},
+    "temperature and top-p": {"temperature": 0.8, "top_p": 0.9},
+    "top-k": {"top_k": 20},
+    "seeded": {"seed": 7},
+}
+LONG_EVERY = 10
+
+
+def mixed_requests(n: int) -> tuple[list[str], list[str]]:
+    """n prompts and the name of each one's sampling (in turn); every LONG_EVERY-th prompt is some
+    300 tokens, so that the cache grows past its first 256 slots."""
+    topics = ["the sea", "mountains", "bread", "trains", "bees", "rain", "chess", "glass", "maps", "owls"]
+    names = list(MIXED_SAMPLINGS)
+    prompts = [f"Tell me about {topics[i % len(topics)]}." if i % LONG_EVERY else
+               "Summarize this: " + " ".join(f"{topics[j % len(topics)]} and" for j in range(100))
+               for i in range(n)]
+    return prompts, [names[i % len(names)] for i in range(n)]
+
+
+def target_c(base: str, args) -> dict:
+    prompts, kinds = mixed_requests(args.mixed_requests)
+    before = httpx.get(base + "/health", timeout=600).json()
+    results, wall = asyncio.run(run_pass(base + "/v1", prompts, args.clients, args.mixed_max_tokens,
+                                         samplings=[MIXED_SAMPLINGS[k] for k in kinds]))
+    after = httpx.get(base + "/health", timeout=600).json()
+    result = {"clients": args.clients, "max_tokens": args.mixed_max_tokens, "samplings": MIXED_SAMPLINGS,
+              **summary(results, wall, args.clients, pass_stats(base, before)),
+              "errors_by_sampling": {k: sum(1 for r, kind in zip(results, kinds) if kind == k and r.error)
+                                     for k in MIXED_SAMPLINGS},
+              "server_failed": after["failed"] - before["failed"],
+              "compiles_after_warm_up": after["compiles"], "peak_rows": after["peak_rows"]}
+    result["target_met"] = result["errors"] == 0 and result["compiles_after_warm_up"] == 0
+    return result
+
+
 # ---------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,45 +238,61 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-tokens", type=int, default=64, help="(a): max_tokens of the timed stream")
     parser.add_argument("--rounds", type=int, default=2, help="(a): alone / loaded rounds, interleaved")
     parser.add_argument("--requests", type=int, default=16, help="(b): concurrent requests without max_tokens")
+    parser.add_argument("--mixed-requests", type=int, default=200, help="(c): requests with mixed sampling")
+    parser.add_argument("--clients", type=int, default=32, help="(c): concurrent clients")
+    parser.add_argument("--mixed-max-tokens", type=int, default=32, help="(c): max_tokens of each request")
+    parser.add_argument("--targets", default="a,b,c", help="which of a, b, c to run (comma-separated)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the server (0: torch's default)")
     parser.add_argument("--startup-timeout", type=float, default=600)
     parser.add_argument("--out", default="/tmp/serve_reliability.json")
     args = parser.parse_args(argv)
+    targets = args.targets.split(",")
+    if not targets or set(targets) - {"a", "b", "c"}:
+        parser.error(f"--targets takes a comma-separated subset of a, b, c, got '{args.targets}'")
 
+    from overfill.device import cpu_model
     from overfill.serve import DEFAULT_MAX_BODY_BYTES
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    load_at_start, results = os.getloadavg(), {}
     with tempfile.TemporaryDirectory(prefix="serve_reliability_") as workdir, tempfile.NamedTemporaryFile(
             "w", prefix="serve_reliability_", suffix=".log", delete=False) as log_file:
         print(f"server log: {log_file.name}", flush=True)
         full = tiny_model(Path(workdir), args.tiny_window) if args.full == TINY else args.full
         extra = ["--max-body-bytes", str(args.max_body_bytes)] if args.max_body_bytes else []
+        start = time.perf_counter()
         server = start_server(args, port, log_file, full=full, extra=extra)
+        startup_s = time.perf_counter() - start
         try:
             stream_gaps(base, 4)  # warm-up
-            a = target_a(base, args, args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
-            print("(a)", json.dumps({k: v for k, v in a.items() if k != "runs"}), flush=True)
-            b = target_b(base, args)
-            print("(b)", json.dumps(b), flush=True)
+            runs = {"a": lambda: target_a(base, args, args.max_body_bytes or DEFAULT_MAX_BODY_BYTES),
+                    "b": lambda: target_b(base, args), "c": lambda: target_c(base, args)}
+            for name in targets:
+                results[name] = runs[name]()
+                print(f"({name})", json.dumps({k: v for k, v in results[name].items() if k != "runs"}), flush=True)
         finally:
             server.terminate()
             server.wait(60)
     Path(log_file.name).unlink()
+    titles = {"a": "a_huge_request_does_not_delay_a_stream", "b": "b_requests_without_max_tokens_are_batched",
+              "c": "c_mixed_sampling_under_load"}
     report = {
         "command": "python -m benchmarks.serve_reliability " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
         "server": {"full": args.full, "decoder": args.decoder, "max_batch": args.max_batch,
                    "max_body_bytes": args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
-                   "torch_threads": args.threads or "default",
+                   "torch_threads": args.threads or "default", "startup_s": round(startup_s, 1),
                    **({"tiny_window": args.tiny_window} if args.full == TINY else {})},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_average": os.getloadavg()},
-        "a_huge_request_does_not_delay_a_stream": a, "b_requests_without_max_tokens_are_batched": b,
-        "targets_met": {"a": a["target_met"], "b": b["target_met"]},
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "load_average": load_at_start,
+                    "load_average_at_end": os.getloadavg()},
+        **{titles[name]: result for name, result in results.items()},
+        "targets_met": {name: result["target_met"] for name, result in results.items()},
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["targets_met"]))
-    return 0 if a["target_met"] and b["target_met"] and b["errors"] == 0 else 1
+    met = all(report["targets_met"].values()) and results.get("b", {}).get("errors", 0) == 0
+    return 0 if met else 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 For each weight shape of SmolLM2-135M and its 45 %-pruned decoder, in bf16 and fp32, `x [1, K] @ W.T`
 is timed eagerly (`F.linear`: oneDNN / MKL) and through torch.compile with the decode step's
-options (`engine.compiled_decode_one_token`: inductor's decompose_mm_pass turns the product into its
+options (`engine.CompiledStep`: inductor's decompose_mm_pass turns the product into its
 own reduction), and in bf16 through the engine's one-row kernel (`engine/one_row.py`) where the
 CPU has AVX512-BF16; --rows 8 times the products of a batch-8 step. Each call reads another copy
 of the weight, --pool-mb of copies in all, so that they come from memory; where the L3 is larger than that (some cloud Xeons report 480 MB), part of

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from ..device import INFERENCE_PRECISION_HELP, decode_path, pick_device, resolve_precision
+from ..engine import ContinuousBatcher, WarmedVariant, use_compile_cache
 from ..errors import OverfillError
 from ..two_stage import TwoStageModel
 from ..serve import DEFAULT_MAX_BODY_BYTES, GRACEFUL_SHUTDOWN_S, create_app, listen_socket, uvicorn_server
@@ -37,11 +39,11 @@ class ServeArgs:
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
         "help": INFERENCE_PRECISION_HELP})
     compile: bool = field(default=True, metadata={
-        "help": "run the decode step compiled: the batch runs on its rows rounded up to a power of two, and each "
-                "such size, cache length and sampling kind compiles once (tens of seconds on a CPU)"})
+        "help": "run the decode step compiled: a few graphs (1 row and 2+ rows, each sampling kind; any cache "
+                "length), tens of seconds each on a CPU the first time, kept in the compile cache for later starts"})
     warmup: bool = field(default=True, metadata={
-        "help": "with --compile, compile the greedy step for every row count before listening, so that no "
-                "request waits for it"})
+        "help": "with --compile, compile every graph before listening, so that no request waits for one "
+                "(--no-warmup: requests compile them as they need them)"})
 
 
 def default_model_name(full: str, decoder: str | None) -> str:
@@ -78,10 +80,57 @@ def serve_command(args: ServeArgs) -> None:
     host, port = sock.getsockname()[:2]
     log.info("precision %s (%s); %s", precision.name, precision.reason, decode_path(device, precision))
     if args.compile and args.warmup:
-        start = time.perf_counter()
-        buckets = app.state.server.scheduler.batcher.warm_up()
-        log.info("compiled the decode step for %d row counts in %.0f s", buckets, time.perf_counter() - start)
+        warm_up(app.state.server.scheduler.batcher)
     log.info("serving '%s' on http://%s:%d/v1 (max batch %d, %s, API key %s)", name, host, port, args.max_batch,
              "two-stage" if model.is_two_stage else "full model alone", "required" if api_key else "off")
     server = uvicorn_server(app, log_level="info", access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     server.run(sockets=[sock])
+
+
+KIND_NAMES = {"greedy": "greedy", "temperature": "temperature", "filtered": "top-k/top-p"}
+
+
+def variant_name(rows: int, kind: str) -> str:
+    return f"{rows} row{'s' if rows > 1 else ''}, {KIND_NAMES[kind]}"
+
+
+def compile_workers() -> int:
+    """The processes inductor compiles kernels in: one per usable core unless $TORCHINDUCTOR_COMPILE_THREADS says."""
+    from torch._inductor import config
+
+    return config.compile_threads
+
+
+def seconds_left(variants: list[tuple[int, str]], warmed: list[WarmedVariant]) -> float:
+    """About how long the variants not warmed yet will take, from those that were: the first variant at a
+    row count also compiles the decoder's graph (most of the time), the others a sampler's only."""
+    def opens_rows(i: int) -> bool:
+        return variants[i][0] not in {rows for rows, _ in variants[:i]}
+
+    seconds = {True: [], False: []}
+    for i, variant in enumerate(warmed):
+        seconds[opens_rows(i)].append(variant.seconds)
+    every = [variant.seconds for variant in warmed]
+    return sum(statistics.fmean(seconds[opens_rows(i)] or every) for i in range(len(warmed), len(variants)))
+
+
+def warm_up(batcher: ContinuousBatcher) -> list[WarmedVariant]:
+    """Compile every graph a request can need before listening, saying so, and how long it is taking."""
+    variants = batcher.warm_up_variants()
+    cache = use_compile_cache()
+    log.info("compiling the decode step before listening (connections are refused until then): %d variants (%s), "
+             "%d compile workers; compiled graphs are kept in %s for the next start",
+             len(variants), "; ".join(variant_name(*v) for v in variants), compile_workers(),
+             cache or "torch's default cache")
+    start, warmed = time.perf_counter(), []
+
+    def progress(done: int, total: int, variant: WarmedVariant) -> None:
+        warmed.append(variant)
+        left = f"; about {seconds_left(variants, warmed):.0f} s left" if done < total else ""
+        log.info("compiled %d/%d (%s) in %.1f s%s", done, total, variant_name(variant.rows, variant.kind),
+                 variant.seconds, left)
+
+    batcher.warm_up(progress)
+    log.info("compiled the decode step in %.0f s (%d graphs compiled)", time.perf_counter() - start,
+             sum(w.compiles for w in warmed))
+    return warmed

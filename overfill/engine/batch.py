@@ -9,8 +9,8 @@ from torch import Tensor
 from ..errors import OverfillError
 from ..two_stage import TwoStageModel
 from .sampling import Sampler, SamplingParams, row_seed
-from .step import (cache_len, compiled_decode_one_token, decode_one_token, first_token, left_pad,
-                   prepare_for_decoding, refresh, refresh_due)
+from .step import (CompiledStep, cache_len, decode_one_token, first_token, left_pad, mark_cache, prepare_for_decoding,
+                   refresh, refresh_due)
 
 
 class BatchDecoder:
@@ -49,13 +49,12 @@ class BatchDecoder:
         self.steps = 0
         self._static = compile
         self._graphs = compile and device.type == "cuda"
-        self._step = compiled_decode_one_token(device.type) if compile else decode_one_token
+        self._step = CompiledStep(device.type) if compile else decode_one_token
         prepare_for_decoding(model.full, model.decoder, compile=compile)
         if compile:
             # CUDA graphs replay over these buffers in place; on a CPU the step is ~8 % faster with them
             # static too (bf16 decoder, 2-core AMX Xeon).
-            for buffer in self.kv_cache.k + self.kv_cache.v + [self.kv_cache.valid]:
-                torch._dynamo.mark_static_address(buffer)
+            mark_cache(self.kv_cache)
 
     @torch.inference_mode()
     def first(self) -> Tensor:
@@ -69,9 +68,8 @@ class BatchDecoder:
             self.fed[:, i] = self.last
         if self._static:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's tokens are consumed
-        kv_len = None if self._static else self.prompt_len + i + 1
         tokens = self._step(self.model.decoder, self.decoder_cache, self.last[:, None],
-                            self.positions[i], self.slots[i:i + 1], kv_len, self.sampler)  # [B]
+                            self.positions[i], self.slots[i:i + 1], self.prompt_len + i + 1, self.sampler)  # [B]
         self.last = tokens.clone() if self._graphs else tokens  # a CUDA graph's output is overwritten by its replay
         self.steps += 1
         if refresh_due(self.steps, every):

@@ -24,8 +24,10 @@ A prefill runs between two decode steps (no chunked prefill). With `refresh_ever
 model re-processes the last K columns of every row every K steps of the batch: each decoded token
 is refreshed once, within K steps of being written.
 
-Compiled, a step runs on the live rows rounded up to a power of two (the rows past the live ones
-compute and are ignored), so that a handful of graphs covers every batch.
+Compiled (`CompiledStep`), a step's graphs depend neither on the cache length nor on the row count
+past 2, so `warm_up` makes all of them before the first request. On a GPU a step runs on the live
+rows rounded up to a power of two (the rows past the live ones compute and are ignored), so that a
+handful of CUDA graphs is recorded.
 
 The batcher knows token ids only: a job's sink gets `TokenEvent`s, and the text layer above it
 (the server) turns them into text.
@@ -33,6 +35,7 @@ The batcher knows token ids only: a job's sink gets `TokenEvent`s, and the text 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -42,11 +45,11 @@ from torch import Tensor
 
 from ..errors import OverfillError
 from ..kv_cache import KVCache
-from ..model import positions_from_padding
+from ..model import decodes_with_layer_stack, positions_from_padding
 from ..two_stage import TwoStageModel
-from .sampling import Sampler, SamplingParams, row_seed
-from .step import (compiled_decode_one_token, decode_one_token, finish_reason, first_token, left_pad,
-                   prepare_for_decoding, refresh, refresh_due)
+from .sampling import SAMPLING_KINDS, Kind, Sampler, SamplingParams, row_seed
+from .step import (CompiledStep, compile_count, decode_one_token, finish_reason, first_token, left_pad, mark_cache,
+                   prepare_for_decoding, refresh, refresh_due, row_class_of)
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,18 @@ class Stats:
     joined_running: int = 0
     """Requests admitted while other rows were decoding."""
     peak_rows: int = 0
+    compiles: int = 0
+    """Graphs compiled during decode steps (0 after a complete warm-up)."""
+
+
+@dataclass(frozen=True)
+class WarmedVariant:
+    """One variant that `ContinuousBatcher.warm_up` ran: its rows and sampling kind, and what it took."""
+
+    rows: int
+    kind: Kind
+    seconds: float
+    compiles: int
 
 
 def row_bucket(rows: int, max_batch: int) -> int:
@@ -140,7 +155,7 @@ class ContinuousBatcher:
         """The slot every live row writes at the next step."""
         self.stats = Stats()
         self.compile = compile
-        self._step = compiled_decode_one_token(self.device.type) if compile else decode_one_token
+        self._step = CompiledStep(self.device.type) if compile else decode_one_token
         prepare_for_decoding(model.full, model.decoder, compile=compile)
         self._sampler: Sampler | None = None
         length = min(initial_len, self.window)
@@ -151,10 +166,9 @@ class ContinuousBatcher:
         self.slot_positions = torch.zeros_like(self.slot_tokens)  # [B, S]
 
     def _static(self, cache: KVCache) -> KVCache:
-        """Mark the buffers as static inputs of the compiled step (as `BatchDecoder` does)."""
+        """Mark the buffers as inputs of the compiled step (`step.mark_cache`, as `BatchDecoder` does)."""
         if self.compile:
-            for buffer in cache.k + cache.v + [cache.valid]:
-                torch._dynamo.mark_static_address(buffer)
+            mark_cache(cache)
         return cache
 
     def _live(self, rows: int) -> KVCache:
@@ -266,23 +280,51 @@ class ContinuousBatcher:
             grown[:, :old] = getattr(self, name)
             setattr(self, name, grown)
 
-    def warm_up(self, kinds: tuple[dict, ...] = ({},)) -> int:
-        """Compile the step for every row bucket before serving (each sampling setting in `kinds`, as
-        SamplingParams fields: greedy by default); the number of buckets run."""
-        buckets = sorted({self._bucket(n) for n in range(1, self.max_batch + 1)})
-        for rows in buckets:
-            for kind in kinds:
-                params = SamplingParams(max_new_tokens=2, ignore_eos=True, **kind)
-                self.admit(deque(Job([1, 2], params, lambda event: False) for _ in range(rows)))
-                while self.rows:
-                    self.step()
+    def warm_up_variants(self) -> list[tuple[int, Kind]]:
+        """(rows, sampling kind) pairs whose steps need, between them, every graph a step can need: each
+        kind at the fewest rows of each row class ("1 row", "2+ rows": the row count is a symbolic size
+        from 2 on, and so is the cache length) that a step runs compiled; where CUDA graphs replay,
+        greedy at every larger row bucket too, each recorded once."""
+        pairs = [(rows, kind) for rows in self._first_compiled_rows() for kind in SAMPLING_KINDS]
+        if self.compile and self.device.type == "cuda":
+            pairs += [(rows, "greedy") for rows in sorted({self._bucket(n) for n in range(3, self.max_batch + 1)})]
+        return pairs
+
+    def _first_compiled_rows(self) -> list[int]:
+        """The fewest rows of each row class whose step is compiled: the bf16 layer stack runs steps of a few
+        rows on a CPU eagerly (`decodes_with_layer_stack`, which holds under inference mode only)."""
+        first: dict[str, int] = {}
+        with torch.inference_mode():
+            for rows in range(1, self.max_batch + 1):
+                if not decodes_with_layer_stack(self.model.decoder, rows):
+                    first.setdefault(row_class_of(rows), rows)
+        return sorted(first.values())
+
+    def warm_up(self, progress: Callable[[int, int, WarmedVariant], None] | None = None) -> list[WarmedVariant]:
+        """Decode a few steps of every variant in `warm_up_variants`, so that the compiled graphs are made
+        before serving and no request waits for one. `progress(done, total, variant)` hears of each.
+        Leaves the batcher empty and its counters at 0.
+
+        Run it with torch's threads as they will be when serving: a graph is guarded on their number, and
+        a step on another number compiles again. (inductor compiles with a worker per core regardless.)"""
+        variants, warmed = self.warm_up_variants(), []
+        for rows, kind in variants:
+            start, compiles = time.perf_counter(), compile_count()
+            params = SamplingParams(max_new_tokens=4, ignore_eos=True, seed=0, **SAMPLING_KINDS[kind])
+            self.admit(deque(Job([1, 2], params, lambda event: False) for _ in range(rows)))
+            while self.rows:
+                self.step()
+            warmed.append(WarmedVariant(rows, kind, time.perf_counter() - start, compile_count() - compiles))
+            if progress:
+                progress(len(warmed), len(variants), warmed[-1])
         self.stats = Stats()
-        return len(buckets)
+        return warmed
 
     # ------------------------------------------------------------ decoding
 
     def _bucket(self, n: int) -> int:
-        return row_bucket(n, self.max_batch) if self.compile else n
+        """Rows a step runs on for n live ones: n, or where CUDA graphs replay, its power-of-two bucket."""
+        return row_bucket(n, self.max_batch) if self.compile and self.device.type == "cuda" else n
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -292,6 +334,7 @@ class ContinuousBatcher:
             # a step reads every slot of the cache when compiled.
             self._move(self._lo(), 0)
         n, s = len(self.rows), self.column
+        compiles = compile_count()
         try:
             self._ensure_capacity(s + 1)
             tokens = self._decode(n, s)
@@ -303,6 +346,8 @@ class ContinuousBatcher:
             log.exception("decode step failed")
             self.fail_all(f"decode step failed: {e}")
             return
+        finally:
+            self.stats.compiles += compile_count() - compiles
         for row, token in zip(self.rows, tokens):
             self._take(row, token)
         self.retire()
@@ -321,7 +366,7 @@ class ContinuousBatcher:
         if self.compile:
             torch.compiler.cudagraph_mark_step_begin()
         out = self._step(self.model.decoder, live.select_layers(self.model.layer_map), last[:, None], positions,
-                         torch.tensor([s], device=self.device), None if self.compile else s + 1, self._sampler)
+                         torch.tensor([s], device=self.device), s + 1, self._sampler)
         self.slot_tokens[:n, s], self.slot_positions[:n, s] = last[:n], positions[:n, 0]
         return out[:n].tolist()
 

@@ -19,6 +19,9 @@ from ..errors import OverfillError
 
 Kind = Literal["greedy", "temperature", "filtered"]
 """What a batch's rows need, cheapest first: argmax only; softmax and a draw; also a sort for top-k/top-p."""
+SAMPLING_KINDS: dict[Kind, dict] = {"greedy": {}, "temperature": {"temperature": 1.0},
+                                    "filtered": {"temperature": 1.0, "top_k": 50, "top_p": 0.9}}
+"""Each kind, cheapest first, as the SamplingParams fields of a request of that kind."""
 
 _MASK32 = 0xFFFFFFFF
 
@@ -68,7 +71,7 @@ class Sampler:
 
     def __init__(self, params: Sequence[SamplingParams], seeds: Sequence[int], device: torch.device):
         kinds = [p.kind for p in params]
-        self.kind: Kind = max(kinds, key=["greedy", "temperature", "filtered"].index)
+        self.kind: Kind = max(kinds, key=list(SAMPLING_KINDS).index)
         # A greedy row in a sampled batch takes the argmax (`greedy`); its temperature only has to be finite.
         self.temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)  # [B]
         self.top_k = torch.tensor([p.top_k for p in params], device=device)  # [B]

@@ -8,20 +8,28 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import threading
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from ..hub import cache_dir
 from ..kv_cache import KVCache
 from ..model import (Transformer, causal_mask, decodes_with_layer_stack, positions_from_padding, use_decode_layers,
                      use_one_row_kernel)
 from . import one_row
 from .sampling import Sampler, SamplingParams, sample
 
+log = logging.getLogger(__name__)
+
 _ONE_ROW_MAX_WIDTH = 1 << 24
 _RECOMPILE_LIMIT = 64
-"""Compiled variants of the step: (rows, cache length, sampling kind) each give one."""
+"""Far above the graphs `CompiledStep` makes (2 of `decode_step`, 4 of `sample`), which torch's default of 8
+would also hold: room for another engine's static shapes in the same process (`bench`)."""
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device, left: bool = True
@@ -97,33 +105,150 @@ def finish_reason(token: int, params: SamplingParams, eos_ids: set[int], generat
     return "length" if generated >= max_new else None
 
 
-@functools.cache
-def compiled_decode_one_token(device_type: str) -> Callable:
-    """`decode_one_token` through torch.compile, for static shapes (kv_len=None), one per device type.
+class CompiledStep:
+    """`decode_one_token` through torch.compile, in a set of graphs that is bounded by design.
 
-    On a GPU, mode="reduce-overhead" replays the whole step as one CUDA graph. On a CPU,
-    inductor fuses the many small element-wise kernels, and its "decompose_mm_pass" turns
-    the one-row matrix products of batch-1 decoding into its own reductions, which stream
-    the weights at memory speed where the BLAS GEMV (MKL on AMD CPUs) reaches about half of it.
-    Its C++ wrapper calls the kernels without Python: 2-4 % off the decoder's bf16 step on a
-    2-core AMX Xeon (benchmarks/README.md), for some 25 s more of compile time. Sampling is
-    in the graph, so a step ends with the tokens on the device and no host sync.
+    Two functions are compiled, so that the sampling settings do not multiply the decoder's graphs:
 
-    A step that the bf16 layer stack runs (`model.decodes_with_layer_stack`, engine/one_row.py)
-    is not compiled: the stack is one C++ call already, and twice as fast as inductor's step.
+    - `decode_step`, to logits, with kv_len=None (attention over every cache slot). The cache length
+      is a symbolic size (`mark_cache`), and so is the row count from 2 rows on: 2 graphs in all,
+      "1 row" and "2+ rows" (torch specializes sizes 0 and 1 anyway; at 1 row inductor's
+      decompose_mm_pass turns the products into reductions that stream the weights).
+    - `sample`, for sampled steps: one graph per kind ("temperature", "filtered") and row class.
+      A greedy step needs none: it takes the argmax eagerly, one op.
+
+    So a step of each sampling kind at 1 row and at 2 rows makes every graph a step can need,
+    whatever the batch, the cache length or the sampling settings: `ContinuousBatcher.warm_up`.
+
+    On a GPU, mode="reduce-overhead" replays the decoder's step as a CUDA graph (one recording per
+    row count and cache length). On a CPU, inductor fuses the many small element-wise kernels; its
+    C++ wrapper calls the kernels without Python: 2-4 % off the decoder's bf16 step on a 2-core AMX
+    Xeon (benchmarks/README.md), for some 25 s more of compile time. A step that the bf16 layer
+    stack runs (`model.decodes_with_layer_stack`, engine/one_row.py) is not compiled: the stack is
+    one C++ call already, and twice as fast as inductor's step.
+
+    A graph that fails to compile or to run harms no request: the step runs eagerly
+    (`decode_step` / `sample`), and so does every later step that needs that graph; the failure is
+    logged once.
     """
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+
+    def __init__(self, device_type: str):
+        use_compile_cache()
+        self.graphs = _compiled_graphs(device_type)
+        self.failed: set[tuple] = set()
+        """Keys of the graphs that failed: ("decode", row class) or ("sample", row class, kind)."""
+        self._thread = threading.local()
+        _count_compiles()
+
+    def __call__(self, decoder: Transformer, kv_cache: KVCache, token: Tensor, position: Tensor, slot: Tensor,
+                 kv_len: int | None, sampler: Sampler | None) -> Tensor:
+        """As `decode_one_token`; `kv_len` (the filled slots) is for the eager fallback only."""
+        rows = token.shape[0]
+        if decodes_with_layer_stack(decoder, rows):
+            return decode_one_token(decoder, kv_cache, token, position, slot, kv_len, sampler)
+        self._raise_recompile_limit()
+        row_class = row_class_of(rows)
+        if rows > 1:
+            mark_rows(token, position)
+        logits = self._run(("decode", row_class),  # [B, V]
+                           lambda: self.graphs.decode(decoder, kv_cache, token, position, slot),
+                           lambda: decode_step(decoder, kv_cache, token, position, slot, kv_len))
+        if sampler is None or sampler.kind == "greedy":
+            return logits.argmax(-1)
+        counter = position[:, 0] + 1
+        return self._run(("sample", row_class, sampler.kind), lambda: self.graphs.sample(logits, sampler, counter),
+                         lambda: sample(logits, sampler, counter))
+
+    def _run(self, key: tuple[str, ...], graph: Callable[[], Tensor], eager: Callable[[], Tensor]) -> Tensor:
+        """The compiled graph's result, or the eager one where the graph failed (now or before).
+
+        Running a step again is safe: it writes the same K/V and valid bit into the same slot."""
+        if key not in self.failed:
+            try:
+                return graph()
+            except Exception as e:  # a compile error, the recompile limit, a failing kernel: go on eagerly
+                self.failed.add(key)
+                log.warning("the compiled %s graph (%s) failed, so it runs eagerly from now on: %s",
+                            key[0], ", ".join(key[1:]), root_cause(e))
+                log.debug("the compiled graph's failure", exc_info=True)
+        return eager()
+
+    def _raise_recompile_limit(self) -> None:
+        """torch's dynamo settings are per thread: lift the limit on the thread that compiles, once."""
+        if not getattr(self._thread, "ready", False):
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
+            self._thread.ready = True
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost cause of an error, in one short line (dynamo wraps the backend's errors in its own)."""
+    while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
+        error = inner
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first_line[:300]}"
+
+
+ROW_CLASSES = ("1 row", "2+ rows")
+"""Steps of a row class share their graphs."""
+
+
+def row_class_of(rows: int) -> str:
+    return ROW_CLASSES[rows > 1]
+
+
+def mark_rows(*tensors: Tensor) -> None:
+    """Let dim 0 (rows) of step inputs be a symbolic size, so that one graph serves 2 rows and more."""
+    for t in tensors:
+        torch._dynamo.mark_dynamic(t, 0)
+
+
+def mark_cache(cache: KVCache) -> None:
+    """Mark a KV cache (or a view of its first rows) as the compiled step's input: static buffers
+    (updated in place, CUDA graphs replay over them) whose length, and from 2 rows on row count, are
+    symbolic sizes, so that the cache can grow without a compile."""
+    for buffer in cache.k + cache.v + [cache.valid]:
+        torch._dynamo.mark_static_address(buffer)
+        torch._dynamo.mark_dynamic(buffer, 2 if buffer.dim() == 4 else 1)  # [B, H, S, D] or [B, S]
+        if buffer.shape[0] > 1:
+            torch._dynamo.mark_dynamic(buffer, 0)
+
+
+@dataclass(frozen=True)
+class _Graphs:
+    decode: Callable
+    sample: Callable
+
+
+@functools.cache
+def _compiled_graphs(device_type: str) -> _Graphs:
+    """The compiled functions, one pair per device type for the process (their graphs are shared)."""
     if device_type == "cuda":
-        return torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    compiled = torch.compile(decode_one_token, fullgraph=True, dynamic=False,
-                             options=one_row_product_options() | {"cpp_wrapper": True})
+        decode = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        return _Graphs(decode, torch.compile(sample, fullgraph=True, dynamic=True))
+    # The sampler's few kernels gain nothing from the C++ wrapper, and compile in two thirds of the time without.
+    decode = torch.compile(decode_step, fullgraph=True, dynamic=False,
+                           options=one_row_product_options() | {"cpp_wrapper": True})
+    return _Graphs(decode, torch.compile(sample, fullgraph=True, dynamic=True))
 
-    def step(decoder: Transformer, kv_cache: KVCache, token: Tensor, position: Tensor, slot: Tensor,
-             kv_len: int | None, sampler: Sampler | None) -> Tensor:
-        run = decode_one_token if decodes_with_layer_stack(decoder, token.shape[0]) else compiled
-        return run(decoder, kv_cache, token, position, slot, kv_len, sampler)
 
-    return step
+def compile_count() -> int:
+    """Graphs that torch.compile has compiled (or tried to) in this process, on any thread."""
+    return _compiles_seen
+
+
+_compiles_seen = 0
+
+
+@functools.cache
+def _count_compiles() -> None:
+    """Count dynamo's compiles (`compile_count`) from now on, through its compile-end hook."""
+    def counted(args) -> None:
+        global _compiles_seen
+        if args.callback_trigger == torch._dynamo.callback.CallbackTrigger.DYNAMO:
+            _compiles_seen += 1
+
+    torch._dynamo.callback.callback_handler.register_end_callback(counted)
 
 
 def one_row_product_options() -> dict:
@@ -153,5 +278,22 @@ def prepare_for_decoding(*models: Transformer, compile: bool) -> None:
 
 
 def cache_len(n: int, static: bool) -> int:
-    """Cache slots for n tokens; static shapes round up, so fewer lengths each need a compile."""
+    """Cache slots for n tokens; static shapes round up, so that fewer lengths each need a CUDA graph recording."""
     return -(-n // 256) * 256 if static else n
+
+
+def use_compile_cache() -> str | None:
+    """Keep inductor's compiled graphs (its FX graph cache) under overfill's cache, `compile/`, so that a later
+    start finds them, rather than under /tmp (torch's default, which torch writes to $TORCHINDUCTOR_CACHE_DIR once
+    it has looked). A directory the user set wins. The directory in use, or None where ours cannot be made."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        path = cache_dir() / "compile"
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            log.warning("compiled graphs are not kept for the next start: cannot make %s (%s)", path, e.strerror or e)
+            return None
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
