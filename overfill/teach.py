@@ -219,7 +219,7 @@ def _publish(partial: Path, out: Path, order: list[str]) -> None:
 
 
 def _write_meta(out: Path, cfg: TeachConfig, prompts: int, finished: bool = False) -> None:
-    from .evaluate import weights_fingerprint
+    from .model import weights_fingerprint
     from .hub import resolve
 
     meta = {"config": asdict(cfg), "prompts": prompts, "finished": finished,
