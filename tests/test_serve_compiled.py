@@ -206,7 +206,9 @@ def test_a_graph_that_fails_to_compile_or_run_leaves_its_requests_to_eager_steps
         compiled, stats = decode(compile=True)
     monkeypatch.undo()
     assert compiled == decode(compile=False)[0]
-    assert stats.failed == 0 and stats.completed == 3 and stats.compiles >= 1
+    assert stats.failed == 0 and stats.completed == 3
+    # the warnings show the compiled path was taken and failed over (a count of compiles would not: the sampling
+    # graph may come compiled from an earlier test of the same process)
     warnings = [r.getMessage() for r in caplog.records]
     assert warnings and all(f"injected {how}" in w and "eagerly" in w for w in warnings)
     assert len(set(warnings)) == len(warnings) < stats.steps  # each failing graph is logged once
