@@ -5,8 +5,9 @@
 #   STAGES="teach" bash benchmarks/quality/recipes.sh        # stages: prune teach train eval answers collect
 #   STAGES="train eval" RECIPES="kd-sharegpt" MODES=overfill bash benchmarks/quality/recipes.sh
 #
-# The decoder is `overfill prune --hidden 0.45 --intermediate 0.45` of SmolLM2-135M-Instruct (hidden
-# 288, MLP 848). Every recipe trains both modes on the same batches for the same 500k-token schedule
+# The decoder is `overfill prune --hidden 0.45 --intermediate 0.45 --method $METHOD` of SmolLM2-135M-Instruct
+# (hidden 288, MLP 848); METHOD=select (the committed records of docs/results/recipe.json), or rotate (the
+# pruner's default since), in another RUN. Every recipe trains both modes on the same batches for the same 500k-token schedule
 # (batch 16, cosine to 0 after 10 warm-up steps, bf16 autocast where bf16 is faster); a recipe is
 #   <objective>-<data>[-lr<LR>]:  objective ce (cross-entropy) | kd (KL(full || decoder) alone) | cekd (both)
 #                                 data sharegpt (ShareGPT's responses) | teacher (the full model's own answers
@@ -20,6 +21,7 @@ STAGES=${STAGES:-"prune teach train eval answers collect"}
 RECIPES=${RECIPES:-"ce-sharegpt kd-sharegpt ce-teacher kd-teacher"}
 MODES=${MODES:-"overfill pruned"}
 TOKENS=${TOKENS:-500000}
+METHOD=${METHOD:-select}
 FULL=smollm2-135m-instruct
 TEACH="$RUN/teacher/sharegpt-smollm2.jsonl.gz"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -47,7 +49,8 @@ recipe_flags() {  # recipe -> the train flags it stands for
 
 if has prune && [ ! -f "$RUN/pruned/model.safetensors" ]; then
   stamp prune
-  overfill prune $FULL --hidden 0.45 --intermediate 0.45 --out "$RUN/pruned" > "$RUN/logs/prune.log" 2>&1
+  overfill prune $FULL --hidden 0.45 --intermediate 0.45 --method "$METHOD" --out "$RUN/pruned" \
+    > "$RUN/logs/prune.log" 2>&1
 fi
 if has teach && [ ! -f "$TEACH" ]; then
   stamp teach
