@@ -49,7 +49,9 @@ evaluate() {  # name mode [decoder]
 
 if has prune && [ ! -f "$RUN/pruned/model.safetensors" ]; then
   stamp prune
-  overfill prune $FULL --hidden 0.45 --intermediate 0.45 --out "$RUN/pruned" > "$RUN/logs/prune.log" 2>&1
+  # the committed points were pruned before rotate and 16-multiples became the defaults: keep their decoder
+  overfill prune $FULL --hidden 0.45 --intermediate 0.45 --method select --multiple 64 --out "$RUN/pruned" \
+    > "$RUN/logs/prune.log" 2>&1
 fi
 if has train; then
   stamp "train $MODES to 4M tokens"
