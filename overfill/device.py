@@ -147,16 +147,6 @@ def resolve_precision(precision: str, device: torch.device) -> PrecisionChoice:
 INFERENCE_PRECISION_HELP = "weights and KV cache; " + AUTO_PRECISION_HELP
 
 
-def decode_path(device: torch.device, precision: PrecisionChoice) -> str:
-    """How the engine's decode steps will run for this device and precision, in words (printed once)."""
-    if device.type == "cpu" and precision.name == "bf16":
-        from .engine import one_row
-
-        if one_row.enabled():
-            return "decode steps through the CPU bf16 layer stack"
-        return f"decode steps layer by layer (the bf16 layer stack is off: {one_row.why_off()})"
-    return "decode steps layer by layer"
-
 
 def describe_machine(device: torch.device) -> dict:
     """The facts a benchmark result needs beside its numbers."""

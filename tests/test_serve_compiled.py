@@ -238,7 +238,7 @@ def test_start_up_says_what_it_compiles_into_a_kept_cache_and_requests_compile_n
                                 model_name=NAME))
     with serving(NoServer.apps.pop()) as url:
         with ThreadPoolExecutor(len(SAMPLINGS)) as pool:
-            replies = list(pool.map(lambda sampling: post_chat(url, {"messages": chat("hi"), "max_tokens": 3,
+            replies = list(pool.map(lambda sampling: post_chat(url, {"messages": chat("hi"), "max_tokens": 16,
                                                                      **sampling}), SAMPLINGS.values()))
         stats = health(url)
     assert [r.status_code for r in replies] == [200] * len(SAMPLINGS)

@@ -5,7 +5,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..device import INFERENCE_PRECISION_HELP, decode_path, pick_device, resolve_precision
+from ..device import INFERENCE_PRECISION_HELP, pick_device, resolve_precision
+from ..engine.step import decode_path
 from ..engine import SamplingParams
 from ..errors import OverfillError
 from ..generate import generate, stream
@@ -41,7 +42,7 @@ def generate_command(args: GenerateArgs) -> None:
     if args.refresh_every is not None and args.refresh_every < 0:
         raise OverfillError("--refresh-every must be >= 0")
     precision = resolve_precision(args.precision, device)
-    print(f"precision {precision.name} ({precision.reason}); {decode_path(device, precision)}", file=sys.stderr)
+    print(f"precision {precision.name} ({precision.reason}); {decode_path(device, precision.dtype)}", file=sys.stderr)
     model = TwoStageModel.from_refs(args.full, args.decoder, dtype=precision.dtype, device=device)
     prompt: str | list[dict] = args.prompt
     if not args.raw and args.system is not None:

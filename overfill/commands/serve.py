@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..device import INFERENCE_PRECISION_HELP, decode_path, pick_device, resolve_precision
+from ..device import INFERENCE_PRECISION_HELP, pick_device, resolve_precision
+from ..engine.step import decode_path
 from ..engine import ContinuousBatcher, WarmedVariant, use_compile_cache
 from ..errors import OverfillError
 from ..two_stage import TwoStageModel
@@ -78,7 +79,7 @@ def serve_command(args: ServeArgs) -> None:
                      compile=args.compile)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = sock.getsockname()[:2]
-    log.info("precision %s (%s); %s", precision.name, precision.reason, decode_path(device, precision))
+    log.info("precision %s (%s); %s", precision.name, precision.reason, decode_path(device, precision.dtype))
     if args.compile and args.warmup:
         warm_up(app.state.server.scheduler.batcher)
     log.info("serving '%s' on http://%s:%d/v1 (max batch %d, %s, API key %s)", name, host, port, args.max_batch,

@@ -268,13 +268,27 @@ def prepare_for_decoding(*models: Transformer, compile: bool) -> None:
     few-row products through the one-row kernel. There, and for any compiled step, q/k/v and
     gate/up as one product each (no copy, parameter names unchanged)."""
     weights = [next(m.parameters()) for m in models]
-    kernels = all(w.device.type == "cpu" and w.dtype == torch.bfloat16 for w in weights) and one_row.enabled()
+    kernels = all(stack_applies(w.device, w.dtype) for w in weights) and one_row.enabled()
     if compile or kernels:
         for m in models:
             m.fuse_projections()
     if kernels:
         use_one_row_kernel(one_row.linear, one_row.MAX_ROWS)
         use_decode_layers(one_row.LAYER_STACK)
+
+
+def stack_applies(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether decode steps of weights on `device` in `dtype` are the bf16 layer stack's to run (where it is on)."""
+    return device.type == "cpu" and dtype == torch.bfloat16
+
+
+def decode_path(device: torch.device, dtype: torch.dtype) -> str:
+    """How `prepare_for_decoding` will have the decode steps run, in words (printed once by generate and serve)."""
+    if not stack_applies(device, dtype):
+        return "decode steps layer by layer"
+    if one_row.enabled():
+        return "decode steps through the CPU bf16 layer stack"
+    return f"decode steps layer by layer (the bf16 layer stack is off: {one_row.why_off()})"
 
 
 def cache_len(n: int, static: bool) -> int:
